@@ -1,0 +1,300 @@
+"""The VGG networks of Simonyan & Zisserman (ICLR 2015), Table 1, as Flax linen modules.
+
+Every configuration of the paper is here (A, A-LRN, B, C, D, E) plus the batch-norm variants that
+torchvision ships. Parameters use the community layer names (``conv1_1`` ... ``conv5_4``, ``fc6``,
+``fc7``, ``fc8``; ``bn1_1`` ... for batch norm) so weights map cleanly to Caffe, Keras and torchvision.
+
+The fully connected layers are stored as convolutions (``fc6`` is a ``crop/32 x crop/32`` conv,
+``fc7`` and ``fc8`` are 1x1 convs). With ``dense=False`` the network classifies a crop-size image;
+with ``dense=True`` the same parameters run fully convolutionally over a larger image and return the
+class score map of the paper's dense evaluation (Sect. 3.2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+# Kernel sizes of the convolutions of each of the five blocks (paper Table 1).
+Stages = tuple[tuple[int, ...], ...]
+STAGES: dict[str, Stages] = {
+    "A": ((3,), (3,), (3, 3), (3, 3), (3, 3)),
+    "B": ((3, 3),) * 5,
+    "C": ((3, 3), (3, 3), (3, 3, 1), (3, 3, 1), (3, 3, 1)),
+    "D": ((3, 3), (3, 3), (3, 3, 3), (3, 3, 3), (3, 3, 3)),
+    "E": ((3, 3), (3, 3), (3, 3, 3, 3), (3, 3, 3, 3), (3, 3, 3, 3)),
+}
+
+# AlexNet LRN parameters (Krizhevsky et al. 2012), used by A-LRN: k, n, alpha, beta.
+LRN_BIAS, LRN_SIZE, LRN_ALPHA, LRN_BETA = 2.0, 5, 1e-4, 0.75
+
+# "The first four convolutional layers and the last three fully-connected layers" of net A
+# (paper Sect. 3.1), by the names that exist in every deeper configuration.
+STAGED_INIT_LAYERS = ("conv1_1", "conv2_1", "conv3_1", "conv3_2", "fc6", "fc7", "fc8")
+
+
+def local_response_norm(
+    x: jax.Array,
+    size: int = LRN_SIZE,
+    bias: float = LRN_BIAS,
+    alpha: float = LRN_ALPHA,
+    beta: float = LRN_BETA,
+) -> jax.Array:
+    """Cross-channel LRN of Krizhevsky et al.: ``x / (k + alpha * sum_{n neighbours} x^2) ** beta``.
+
+    ``alpha`` is not divided by ``size`` (the AlexNet paper's and TensorFlow's convention; Caffe and
+    torch divide it). Channels are the last axis; windows are clipped at the channel ends.
+    """
+    half = size // 2
+    squared = jnp.square(x.astype(jnp.float32))
+    padded = jnp.pad(squared, [(0, 0)] * (x.ndim - 1) + [(half, half)])
+    channels = x.shape[-1]
+    window_sum = sum(padded[..., i : i + channels] for i in range(size))
+    return (x / jnp.power(bias + alpha * window_sum, beta)).astype(x.dtype)
+
+
+def kernel_initializer(scheme: str, std: float) -> Callable[..., jax.Array]:
+    """Weight initialiser: ``paper`` is N(0, std^2) (paper Sect. 3.1), ``glorot`` is Glorot uniform."""
+    if scheme == "paper":
+        return nn.initializers.normal(stddev=std)
+    if scheme == "glorot":
+        return nn.initializers.glorot_uniform()
+    if scheme == "he":
+        return nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+    raise ValueError(f"Unknown init scheme {scheme!r}: use 'paper', 'glorot' or 'he'.")
+
+
+class VGG(nn.Module):
+    """A VGG network (paper Table 1).
+
+    Attributes:
+      stages: kernel sizes of the convolutions of each block (see ``STAGES``).
+      num_classes: size of fc8.
+      width: channels of block 1; block b has ``min(width * 2**(b-1), 8 * width)`` (64 -> 512).
+      fc_width: channels of fc6 and fc7 (4096 in the paper).
+      crop_size: training crop side; fc6's window is ``crop_size // 32``.
+      dropout_rate: dropout after fc6 and fc7, applied only when ``train=True``.
+      lrn: local response normalisation after relu1_1 (configuration A-LRN).
+      batch_norm: conv -> BN -> ReLU, as torchvision's ``vgg*_bn``.
+      dtype: computation dtype (e.g. ``jnp.bfloat16``); parameters stay ``param_dtype``.
+      init_scheme: ``paper`` (normal, ``init_std``, zero biases), ``glorot`` or ``he``.
+      init_std: standard deviation of the ``paper`` scheme. The paper says "10^-2 variance";
+        Caffe-era code used std 0.01, which is the default here.
+    """
+
+    stages: Stages
+    num_classes: int = 1000
+    width: int = 64
+    fc_width: int = 4096
+    crop_size: int = 224
+    dropout_rate: float = 0.5
+    lrn: bool = False
+    batch_norm: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    init_scheme: str = "paper"
+    init_std: float = 0.01
+
+    @property
+    def fc6_window(self) -> int:
+        """Side of fc6's convolution window: the pool5 map of a crop-size image."""
+        if self.crop_size % 32:
+            raise ValueError(f"crop_size must be a multiple of 32 (five 2x2 pools), got {self.crop_size}.")
+        return self.crop_size // 32
+
+    def _tap(self, name: str, x: jax.Array) -> jax.Array:
+        """Exposes an activation under its community name (see ``extract_features``)."""
+        # One dict-valued variable: sowing under the layer name itself would clash with the submodule.
+        self.sow("intermediates", "features", {name: x}, init_fn=dict, reduce_fn=lambda d, new: d | new)
+        return x
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False, dense: bool = False) -> jax.Array:
+        """Classifies NHWC images.
+
+        Args:
+          x: images (N, H, W, 3). With ``dense=False`` H and W must be ``crop_size``.
+          train: enables dropout (needs a ``dropout`` rng) and batch-norm statistics updates.
+          dense: return the class score map (N, h, w, num_classes) of the fully convolutional net.
+
+        Returns:
+          float32 logits (N, num_classes), or the score map when ``dense=True``.
+        """
+        if x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(f"Expected NHWC RGB images (N, H, W, 3), got shape {x.shape}.")
+        window = self.fc6_window
+        if not dense and x.shape[1:3] != (self.crop_size, self.crop_size):
+            raise ValueError(
+                f"Input is {x.shape[1]}x{x.shape[2]} but the model classifies {self.crop_size}x"
+                f"{self.crop_size} crops: crop the images, or pass dense=True for the score map."
+            )
+        if min(x.shape[1:3]) < self.crop_size:
+            raise ValueError(f"Dense evaluation needs sides >= crop_size {self.crop_size}, got {x.shape[1:3]}.")
+
+        kernel_init = kernel_initializer(self.init_scheme, self.init_std)
+        layer = functools.partial(
+            nn.Conv, kernel_init=kernel_init, bias_init=nn.initializers.zeros,
+            dtype=self.dtype, param_dtype=self.param_dtype,
+        )
+        x = x.astype(self.dtype)
+        for block, kernel_sizes in enumerate(self.stages, start=1):
+            features = min(self.width * 2 ** (block - 1), 8 * self.width)
+            for i, k in enumerate(kernel_sizes, start=1):
+                name = f"{block}_{i}"
+                x = self._tap(f"conv{name}", layer(features, (k, k), padding="SAME", name=f"conv{name}")(x))
+                if self.batch_norm:
+                    x = nn.BatchNorm(
+                        use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                        dtype=self.dtype, param_dtype=self.param_dtype, name=f"bn{name}",
+                    )(x)
+                x = self._tap(f"relu{name}", nn.relu(x))
+                if self.lrn and block == 1 and i == 1:
+                    x = self._tap("lrn1", local_response_norm(x))
+            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+            x = self._tap(f"pool{block}", checkpoint_name(x, f"pool{block}"))
+
+        # Fully connected layers as convolutions (paper Sect. 3.2, dense evaluation).
+        x = self._tap("fc6", layer(self.fc_width, (window, window), padding="VALID", name="fc6")(x))
+        x = self._tap("relu6", nn.relu(x))
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        x = self._tap("fc7", layer(self.fc_width, (1, 1), name="fc7")(x))
+        x = self._tap("relu7", nn.relu(x))
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        x = layer(self.num_classes, (1, 1), name="fc8")(x).astype(jnp.float32)
+        if not dense:
+            x = x.reshape(x.shape[0], self.num_classes)
+        return self._tap("fc8", x)
+
+
+# Model registry: community names (torchvision's) and the paper's letters.
+MODELS: dict[str, Callable[..., VGG]] = {
+    "vgg11": functools.partial(VGG, stages=STAGES["A"]),
+    "vgg11_lrn": functools.partial(VGG, stages=STAGES["A"], lrn=True),
+    "vgg13": functools.partial(VGG, stages=STAGES["B"]),
+    "vgg16_c": functools.partial(VGG, stages=STAGES["C"]),
+    "vgg16": functools.partial(VGG, stages=STAGES["D"]),
+    "vgg19": functools.partial(VGG, stages=STAGES["E"]),
+    "vgg11_bn": functools.partial(VGG, stages=STAGES["A"], batch_norm=True),
+    "vgg13_bn": functools.partial(VGG, stages=STAGES["B"], batch_norm=True),
+    "vgg16_bn": functools.partial(VGG, stages=STAGES["D"], batch_norm=True),
+    "vgg19_bn": functools.partial(VGG, stages=STAGES["E"], batch_norm=True),
+}
+PAPER_NAMES = {"A": "vgg11", "A-LRN": "vgg11_lrn", "B": "vgg13", "C": "vgg16_c", "D": "vgg16", "E": "vgg19"}
+OPTIONS = tuple(f.name for f in dataclasses.fields(VGG) if f.name not in ("parent", "name", "stages"))
+
+
+def canonical_name(name: str) -> str:
+    """Maps a paper letter or community name to the registry name; ValueError lists the valid names."""
+    resolved = PAPER_NAMES.get(name, name)
+    if resolved not in MODELS:
+        valid = ", ".join([*MODELS, *PAPER_NAMES])
+        raise ValueError(f"Unknown model {name!r}. Valid names: {valid}.")
+    return resolved
+
+
+def get_model(name: str, *, num_classes: int = 1000, **overrides: Any) -> VGG:
+    """Returns the linen module for ``name`` (``vgg16``, ``D``, ``vgg11_lrn``, ``A-LRN``, ...).
+
+    ``overrides`` set any ``VGG`` attribute (width, fc_width, crop_size, dropout_rate, dtype,
+    init_scheme, init_std, ...). ``dtype`` also accepts the strings ``'float32'`` and ``'bfloat16'``.
+    """
+    unknown = sorted(set(overrides) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"Unknown model option(s) {unknown}. Valid options: {', '.join(OPTIONS)}.")
+    if isinstance(overrides.get("dtype"), str):
+        overrides["dtype"] = jnp.dtype(overrides["dtype"])
+    return MODELS[canonical_name(name)](num_classes=num_classes, **overrides)
+
+
+def init_variables(model: VGG, rng: jax.Array, batch_size: int = 1) -> dict[str, Any]:
+    """Initialises ``params`` (and ``batch_stats`` for BN models) on a crop-size input."""
+    x = jnp.zeros((batch_size, model.crop_size, model.crop_size, 3), jnp.float32)
+    return dict(model.init({"params": rng}, x, train=False))
+
+
+def variable_shapes(model: VGG) -> dict[str, Any]:
+    """The variables' shapes and dtypes, computed without allocating them (``jax.eval_shape``)."""
+    return jax.eval_shape(functools.partial(init_variables, model), jax.random.key(0))
+
+
+def count_params(params: Any) -> int:
+    """Number of scalars in a pytree of arrays or ``ShapeDtypeStruct``s."""
+    return sum(int(x.size) for x in jax.tree_util.tree_leaves(params))
+
+
+def extract_features(
+    model: VGG,
+    variables: Mapping[str, Any],
+    x: jax.Array,
+    layers: Iterable[str],
+    *,
+    dense: bool = True,
+) -> dict[str, jax.Array]:
+    """Returns the activations named in ``layers`` (e.g. ``relu1_2``, ``relu3_3``, ``pool5``, ``fc7``).
+
+    Names: ``conv{b}_{i}`` (before the non-linearity), ``relu{b}_{i}``, ``lrn1`` (A-LRN),
+    ``pool{b}``, ``fc6``/``fc7`` (before ReLU), ``relu6``/``relu7``, ``fc8`` (logits). With the
+    default ``dense=True`` any image with sides >= crop_size works and fc layers are maps; under
+    ``jax.jit`` the layers after the deepest requested one are not computed.
+    """
+    layers = list(layers)
+    _, state = model.apply(variables, x, train=False, dense=dense, mutable=["intermediates"])
+    found = state["intermediates"]["features"]
+    missing = [name for name in layers if name not in found]
+    if missing:
+        raise ValueError(f"Unknown layer(s) {missing} for this model. Available: {', '.join(found)}.")
+    return {name: found[name] for name in layers}
+
+
+def staged_init(
+    trained_a: Mapping[str, Any], fresh: Mapping[str, Any], layers: Sequence[str] = STAGED_INIT_LAYERS
+) -> tuple[dict[str, Any], list[str]]:
+    """Paper Sect. 3.1: initialise a deeper net from trained net A.
+
+    Copies ``layers`` (by default conv1_1, conv2_1, conv3_1, conv3_2, fc6, fc7, fc8) from
+    ``trained_a`` params into a copy of ``fresh`` params. Returns the new params and the copied names.
+    Raises ValueError naming the first layer whose shapes differ or that is missing.
+    """
+    params = dict(fresh)
+    for name in layers:
+        for tree, which in ((trained_a, "trained A"), (fresh, "target")):
+            if name not in tree:
+                raise ValueError(f"Staged init: layer {name!r} is missing from the {which} parameters.")
+        for leaf in fresh[name]:
+            src, dst = trained_a[name][leaf], fresh[name][leaf]
+            if src.shape != dst.shape:
+                raise ValueError(
+                    f"Staged init: {name}/{leaf} has shape {tuple(src.shape)} in trained A but "
+                    f"{tuple(dst.shape)} in the target; build both with the same width, fc_width, "
+                    "crop_size and num_classes."
+                )
+        params[name] = jax.tree_util.tree_map(jnp.asarray, dict(trained_a[name]))
+    return params, list(layers)
+
+
+def forward_macs(model: VGG, image_size: int | tuple[int, int] | None = None) -> int:
+    """Multiply-accumulates of one forward pass (convolutions and FC layers), analytically.
+
+    ``image_size`` defaults to the crop size; a larger size counts the dense (fully convolutional)
+    pass. At 224 this matches torchvision's published ``_ops`` (e.g. vgg16 15.47 GMACs).
+    """
+    h, w = (image_size, image_size) if isinstance(image_size, int) else (image_size or (model.crop_size,) * 2)
+    macs, channels = 0, 3
+    for block, kernel_sizes in enumerate(model.stages, start=1):
+        features = min(model.width * 2 ** (block - 1), 8 * model.width)
+        for k in kernel_sizes:
+            macs += h * w * k * k * channels * features
+            channels = features
+        h, w = h // 2, w // 2
+    window = model.fc6_window
+    positions = (h - window + 1) * (w - window + 1)
+    macs += positions * window * window * channels * model.fc_width
+    macs += positions * model.fc_width * (model.fc_width + model.num_classes)
+    return macs
