@@ -1,0 +1,295 @@
+"""Dataset resolution: a data config -> a prepared TFDS builder and the names of its features.
+
+Every source ends up as TFRecords written by a real TFDS builder, so one pipeline reads them all:
+- ``imagenet2012``: TFDS's builder, prepared from ``manual_dir`` (the two ILSVRC2012 tars);
+- ``vgg_jax_demo``: the built-in demo set (``vgg_jax.data.demo``), generated on first use;
+- ``folder``: ``VggJaxFolder``, an image folder (``<folder>/<split>/<class>/<image>``) prepared once
+  into TFRecords; its builder config name carries a fingerprint of the file list;
+- any other name: a TFDS image-classification dataset, prepared by TFDS (``download=True``) or by
+  ``tfds build``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import functools
+import hashlib
+import os
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import tensorflow_datasets as tfds
+
+from vgg_jax.data import demo
+
+IMAGENET_TARS = {"train": "ILSVRC2012_img_train.tar", "validation": "ILSVRC2012_img_val.tar"}
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+_FOLDER_SPLITS = {"val": "validation"}  # folder name -> TFDS split name; others keep their name
+
+
+class DatasetError(ValueError):
+    """A dataset is missing, unprepared or unusable; the message says what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """A prepared dataset and the features the pipeline reads (image bytes, class id, a name)."""
+
+    name: str
+    builder: tfds.core.DatasetBuilder
+    image_key: str
+    label_key: str
+    file_name_key: str | None  # a text feature naming each example (ImageNet's file_name), if any
+
+    def num_examples(self, split: str) -> int:
+        return self.builder.info.splits[split].num_examples
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.builder.info.features[self.label_key].names)
+
+
+def default_cache_dir() -> str:
+    """Where the demo and folder datasets go when ``data_dir`` is unset: ``~/.cache/vgg_jax/tfds``."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "vgg_jax", "tfds")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataLocation:
+    """The config fields that pick a dataset (a hashable cache key)."""
+
+    dataset: str
+    data_dir: str | None
+    manual_dir: str | None
+    folder: str | None
+    download: bool
+
+
+def get_source(data_cfg: Any) -> Source:
+    """The prepared source of ``data_cfg`` (prepares the demo, folder and ImageNet sets on first use).
+
+    Cached per process and location: a folder changed while a process runs is seen by the next one.
+    """
+    return _get_source(DataLocation(data_cfg.dataset, data_cfg.data_dir, data_cfg.manual_dir, data_cfg.folder,
+                                    bool(data_cfg.download)))
+
+
+@functools.lru_cache(maxsize=16)
+def _get_source(loc: DataLocation) -> Source:
+    if loc.dataset == "vgg_jax_demo":
+        builder = demo.VggJaxDemo(data_dir=loc.data_dir or default_cache_dir())
+        _prepare(builder)
+    elif loc.dataset == "folder":
+        builder = _folder_builder(loc)
+        _prepare(builder)
+    elif loc.dataset == "imagenet2012":
+        builder = _imagenet_builder(loc)
+    else:
+        builder = _tfds_builder(loc)
+    return _describe(loc.dataset, builder)
+
+
+def check_split(source: Source, split: str) -> None:
+    """A clear error when ``split`` (e.g. 'validation', 'train[:90%]') is not in the dataset."""
+    try:
+        source.builder.info.splits[split]
+    except (KeyError, ValueError) as e:
+        raise DatasetError(
+            f"split {split!r} is not in {source.name} (splits: {sorted(source.builder.info.splits)}); "
+            f"set --config.data.train_split / eval_split to one of them ({e})."
+        ) from e
+
+
+# ----------------------------------------------------------------------------------------------
+# Preparation
+
+
+@contextlib.contextmanager
+def _lock(data_dir: str) -> Iterator[None]:
+    """An exclusive file lock on ``data_dir``: processes sharing a disk prepare a dataset once."""
+    os.makedirs(data_dir, exist_ok=True)
+    with open(os.path.join(data_dir, ".vgg_jax_prepare.lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _prepare(builder: tfds.core.DatasetBuilder, **kwargs: Any) -> None:
+    if builder.is_prepared():
+        return
+    with _lock(builder.data_dir_root):
+        if not builder.is_prepared():  # another process may have finished while we waited
+            builder.download_and_prepare(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# ImageNet and other TFDS datasets
+
+
+def _imagenet_builder(loc: DataLocation) -> tfds.core.DatasetBuilder:
+    builder = tfds.builder("imagenet2012", data_dir=loc.data_dir)
+    if builder.is_prepared():
+        return builder
+    manual_dir = loc.manual_dir
+    missing = [t for t in IMAGENET_TARS.values() if not manual_dir or not os.path.isfile(os.path.join(manual_dir, t))]
+    if missing:
+        where = f"manual_dir={manual_dir!r} lacks {missing}" if manual_dir else "manual_dir is not set"
+        raise DatasetError(
+            f"imagenet2012 is not prepared in {builder.data_dir} and {where}. Download "
+            f"{IMAGENET_TARS['train']} (138 GB) and {IMAGENET_TARS['validation']} (6.3 GB) from "
+            "https://image-net.org/download-images (free registration), put both in one folder and run "
+            "with --config.data.manual_dir=<that folder> (and --config.data.data_dir=<where the prepared "
+            "TFRecords go, about 150 GB>). The first run then prepares the dataset once (hours), or "
+            "prepare it beforehand with: tfds build imagenet2012 --manual_dir=<folder> --data_dir=<dir>."
+        )
+    _prepare(builder, download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    return builder
+
+
+def _tfds_builder(loc: DataLocation) -> tfds.core.DatasetBuilder:
+    name = loc.dataset
+    try:
+        builder = tfds.builder(name, data_dir=loc.data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise DatasetError(
+            f"unknown dataset {name!r}: use 'vgg_jax_demo' (built in), 'imagenet2012', 'folder' (with "
+            f"--config.data.folder) or a TFDS image-classification dataset name.\n{e}"
+        ) from e
+    if not builder.is_prepared():
+        if not loc.download:
+            raise DatasetError(
+                f"TFDS dataset {name!r} is not prepared in {builder.data_dir}. Either set "
+                f"--config.data.download=True (TFDS downloads and prepares it on first use), or run once: "
+                f"tfds build {name} --data_dir={builder.data_dir_root}"
+            )
+        _prepare(builder)
+    return builder
+
+
+def _describe(name: str, builder: tfds.core.DatasetBuilder) -> Source:
+    """Find the image and label features (the supervised keys, else 'image'/'label')."""
+    features = dict(builder.info.features.items())
+    image_key, label_key = builder.info.supervised_keys or ("image", "label")
+    image, label = features.get(image_key), features.get(label_key)
+    if not isinstance(image, tfds.features.Image) or not isinstance(label, tfds.features.ClassLabel):
+        raise DatasetError(
+            f"{name} is not an image-classification dataset: it needs an Image feature and a ClassLabel "
+            f"feature (its supervised keys or 'image'/'label'); its features are {builder.info.features}."
+        )
+    file_name = features.get("file_name")
+    file_name_key = "file_name" if isinstance(file_name, tfds.features.Text) else None
+    return Source(name, builder, image_key, label_key, file_name_key)
+
+
+# ----------------------------------------------------------------------------------------------
+# Image folders
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderIndex:
+    """The images of a folder: per split, sorted (relative path, class name) pairs."""
+
+    root: str
+    class_names: tuple[str, ...]
+    files: dict[str, tuple[tuple[str, str], ...]]
+
+    @property
+    def fingerprint(self) -> str:
+        h = hashlib.sha1()
+        for split, items in sorted(self.files.items()):
+            for rel, _ in items:
+                h.update(f"{split}/{rel}:{os.path.getsize(os.path.join(self.root, rel))}\n".encode())
+        return h.hexdigest()[:12]
+
+
+def scan_folder(root: str) -> FolderIndex:
+    """Index ``root/<split>/<class>/<image>`` ('val' becomes the 'validation' split)."""
+    if not os.path.isdir(root):
+        raise DatasetError(
+            f"folder dataset root {root!r} does not exist; set --config.data.folder to a directory laid "
+            "out as <root>/train/<class>/*.jpg and <root>/val/<class>/*.jpg."
+        )
+    split_dirs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    if "train" not in split_dirs:
+        raise DatasetError(
+            f"{root} has no train/ sub-folder (found {split_dirs}); expected <root>/train/<class>/*.jpg."
+        )
+    train = os.path.join(root, "train")
+    class_names = tuple(sorted(d for d in os.listdir(train) if os.path.isdir(os.path.join(train, d))))
+    if not class_names:
+        raise DatasetError(f"{train} has no class sub-folders; expected {train}/<class>/*.jpg.")
+    files = {}
+    for split_dir in split_dirs:
+        items = []
+        for cls in sorted(os.listdir(os.path.join(root, split_dir))):
+            if not os.path.isdir(os.path.join(root, split_dir, cls)):
+                continue
+            if cls not in class_names:
+                raise DatasetError(
+                    f"{root}/{split_dir}/{cls} is a class that {train} lacks; every split must use the "
+                    f"classes of train/ ({len(class_names)} classes)."
+                )
+            for dirpath, _, names in os.walk(os.path.join(root, split_dir, cls)):
+                for n in names:
+                    if n.lower().endswith(IMAGE_EXTENSIONS):
+                        items.append((os.path.relpath(os.path.join(dirpath, n), root), cls))
+        if not items:
+            raise DatasetError(
+                f"{root}/{split_dir} holds no {'/'.join(IMAGE_EXTENSIONS)} images under <class>/ folders."
+            )
+        files[_FOLDER_SPLITS.get(split_dir, split_dir)] = tuple(sorted(items))
+    return FolderIndex(os.path.abspath(root), class_names, files)
+
+
+class VggJaxFolder(tfds.core.GeneratorBasedBuilder):
+    """An image folder as a TFDS dataset (``vgg_jax_folder/<folder name>-<fingerprint>``).
+
+    The images' bytes are stored as they are (JPEG or PNG); ``file_name`` keeps each image's path
+    relative to the root, for error messages. A changed file list gets a new fingerprint, so a new
+    preparation, never a stale one.
+    """
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Image folder as TFRecords."}
+
+    def __init__(self, *, index: FolderIndex, **kwargs: Any):
+        self._index = index
+        base = re.sub(r"[^a-z0-9_]+", "_", os.path.basename(index.root.rstrip("/")).lower()) or "root"
+        config = tfds.core.BuilderConfig(name=f"{base}_{index.fingerprint}", description=f"images under {index.root}")
+        super().__init__(config=config, **kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+                    "label": tfds.features.ClassLabel(names=self._index.class_names),
+                    "file_name": tfds.features.Text(),
+                }
+            ),
+            supervised_keys=("image", "label"),
+        )
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict:
+        return {split: self._generate_examples(split) for split in self._index.files}
+
+    def _generate_examples(self, split: str) -> Iterator[tuple[str, dict]]:
+        for rel, cls in self._index.files[split]:
+            with open(os.path.join(self._index.root, rel), "rb") as f:
+                yield rel, {"image": f.read(), "label": cls, "file_name": rel}
+
+
+def _folder_builder(loc: DataLocation) -> VggJaxFolder:
+    if not loc.folder:
+        raise DatasetError(
+            "dataset='folder' needs --config.data.folder=<root> with <root>/train/<class>/*.jpg and "
+            "<root>/val/<class>/*.jpg."
+        )
+    return VggJaxFolder(index=scan_folder(loc.folder), data_dir=loc.data_dir or default_cache_dir())
