@@ -1,0 +1,101 @@
+"""Default config: the paper's training recipe (Sect. 3.1) for configuration D at S = 256.
+
+Every field the code reads is here, with its meaning. Experiments import this and override;
+the command line overrides any field (``--config.optimizer.learning_rate=1e-3``). The config is
+locked: a misspelt key is an error.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from vgg_jax.data.config import default_data_config
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+
+    # Model (vgg_jax.models.get_model). name: vgg11, vgg11_lrn, vgg13, vgg16_c, vgg16, vgg19, the
+    # *_bn variants, or the paper's letters A, A-LRN, B, C, D, E.
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "vgg16"
+    config.model.width = 64  # channels of block 1 (64 in the paper); blocks double up to 8x
+    config.model.fc_width = 4096  # fc6 / fc7 channels
+    config.model.dropout_rate = 0.5  # on fc6 and fc7, training only
+    config.model.dtype = "float32"  # computation dtype: float32 or bfloat16 (parameters stay float32)
+    # paper: N(0, init_std^2), zero biases ("10^-2 variance" in the paper; Caffe used std 0.01);
+    # glorot: Glorot & Bengio (2010) uniform, which the paper notes trains without pre-training; he.
+    config.model.init_scheme = "paper"
+    config.model.init_std = 0.01
+
+    # Input pipeline (vgg_jax/data/config.py documents every field). crop_size is the model's too.
+    config.data = default_data_config()
+
+    config.seed = 0
+    config.global_batch_size = 256  # whatever the device and host count
+    # Micro-batches per step: the gradient of the global batch is accumulated over this many parts
+    # when a device cannot hold its whole share.
+    config.grad_accum_steps = 1
+    # Rematerialisation (jax.checkpoint) in the backward pass: none; blocks (keep only the pool
+    # outputs, recompute inside each block); full (keep nothing). Saves memory for about one extra
+    # forward pass.
+    config.remat = "none"
+    config.num_train_steps = 370_000  # the paper stopped after 370K iterations (74 epochs)
+
+    config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.learning_rate = 1e-2
+    config.optimizer.momentum = 0.9
+    config.optimizer.nesterov = False
+    config.optimizer.weight_decay = 5e-4  # L2 penalty, added to the gradient before momentum
+    config.optimizer.decay_biases = False  # Caffe's VGG release: decay_mult 0 on biases (and BN here)
+    # plateau (paper): lr x decay_factor when validation top-1 stops improving for `patience`
+    # evaluations (by more than min_delta), at most max_decreases times. step: at step_boundaries.
+    # cosine: warmup_steps linear warm-up then cosine to 0. constant.
+    config.optimizer.schedule = "plateau"
+    config.optimizer.decay_factor = 0.1
+    config.optimizer.patience = 1
+    config.optimizer.min_delta = 0.0
+    config.optimizer.max_decreases = 3
+    config.optimizer.step_boundaries = [185_000, 277_500, 333_000]
+    config.optimizer.warmup_steps = 0
+    # Regex on top-level layer names (conv1_1 ... fc8) of the layers to train; the rest are frozen.
+    config.optimizer.trainable = ".*"
+
+    # Initialisation from another run (paper: S=384 from S=256 at lr 1e-3, jittered from S=384):
+    # a workdir, checkpoints dir or step dir whose params (and BN statistics) start this run.
+    config.init_from = ""
+    # Staged initialisation (paper Sect. 3.1): a trained configuration-A run whose conv1_1, conv2_1,
+    # conv3_1, conv3_2, fc6, fc7, fc8 initialise this deeper model.
+    config.staged_init_from = ""
+    # With init_from: replace fc8 by a fresh layer when the class count differs (transfer learning).
+    config.reset_head = False
+
+    # Evaluation during training: the cheap protocol, at data.eval_scales.
+    config.eval_protocol = "center"
+    config.eval_batch_size = 256
+    config.eval_every_steps = 5_000
+
+    config.checkpoint = ml_collections.ConfigDict()
+    config.checkpoint.every_steps = 5_000
+    config.checkpoint.keep = 3  # newest N
+    config.checkpoint.keep_best = 1  # plus the best N by validation top-1
+    config.checkpoint.async_save = True
+
+    config.log_every_steps = 100
+    # clu profiler window: capture num_steps steps starting at start_step (-1: never).
+    config.profile = ml_collections.ConfigDict()
+    config.profile.start_step = -1
+    config.profile.num_steps = 5
+
+    # Device mesh: data parallel over every device; model > 1 splits fc6/fc7 over a model axis.
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.model = 1
+
+    # jax.distributed.initialize() before anything else. With no address it auto-detects Cloud TPU
+    # pods and SLURM; set all three for a manual cluster (or localhost tests).
+    config.distributed = ml_collections.ConfigDict()
+    config.distributed.enabled = False
+    config.distributed.coordinator_address = ""
+    config.distributed.num_processes = 0
+    config.distributed.process_id = -1
+    return config

@@ -1,0 +1,252 @@
+"""End-to-end tests of ``python -m vgg_jax.main`` on the built-in dataset (real pipeline, orbax)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vgg_jax import checkpoints
+
+REPO = Path(__file__).resolve().parents[1]
+KILL_DURING_SAVE = Path(__file__).with_name("slow_save_main.py")
+
+# A tiny but complete run: the real demo data through the paper's transform at reduced sizes.
+TINY = [
+    "--config=configs/demo.py",
+    "--config.model.width=4",
+    "--config.model.fc_width=16",
+    "--config.data.crop_size=32",
+    "--config.data.scale_min=36",
+    "--config.data.scale_max=64",
+    "--config.data.eval_scales=(36,)",
+    "--config.data.eval_split=validation[:40]",
+    "--config.data.shuffle_buffer=256",
+    "--config.global_batch_size=8",
+    "--config.eval_batch_size=16",
+    "--config.optimizer.schedule=constant",
+    "--config.optimizer.learning_rate=0.02",
+    "--config.log_every_steps=2",
+]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+def main_command(workdir: Path, data_dir: str, *overrides: str, script: str | None = None) -> list[str]:
+    entry = [script] if script else ["-m", "vgg_jax.main"]
+    return [sys.executable, *entry, f"--workdir={workdir}", *TINY, f"--config.data.data_dir={data_dir}", *overrides]
+
+
+def run_main(workdir: Path, data_dir: str, *overrides: str, expect_ok: bool = True) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run(main_command(workdir, data_dir, *overrides), cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    if expect_ok:
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def final_params(workdir: Path) -> dict[str, np.ndarray]:
+    variables = checkpoints.restore_variables(workdir)
+    flat = {}
+    for name, layer in variables["params"].items():
+        for leaf, value in layer.items():
+            flat[f"{name}/{leaf}"] = np.asarray(value)
+    return flat
+
+
+def assert_params_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def latest_step(workdir: Path) -> int:
+    steps = [int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit()]
+    return max(steps, default=0)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, data_dir) -> Path:
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    run_main(workdir, data_dir, "--config.num_train_steps=12", "--config.checkpoint.every_steps=2",
+             "--config.eval_every_steps=6")
+    return workdir
+
+
+def test_run_writes_checkpoints_metrics_and_results(uninterrupted):
+    results = json.loads((uninterrupted / "results.json").read_text())
+    assert results["step"] == 12 and results["images"] == 40
+    assert 0.0 <= results["top1_error@36"] <= 100.0
+    assert list(uninterrupted.glob("events.out.tfevents.*"))
+    kept = sorted(int(p.name) for p in (uninterrupted / "checkpoints").iterdir() if p.name.isdigit())
+    # keep=3 newest, plus the best by validation top-1 (evaluated at 6 and 12).
+    assert kept[-3:] == [8, 10, 12] and set(kept) <= {6, 8, 10, 12}
+    meta = checkpoints.read_meta(uninterrupted)
+    assert meta["config"]["model"]["width"] == 4 and "plateau" in meta
+
+
+def test_same_seed_same_parameters(uninterrupted, tmp_path, data_dir):
+    run_main(tmp_path, data_dir, "--config.num_train_steps=12", "--config.checkpoint.every_steps=2",
+             "--config.eval_every_steps=6")
+    assert_params_equal(final_params(uninterrupted), final_params(tmp_path))
+    other = tmp_path / "other_seed"
+    run_main(other, data_dir, "--config.num_train_steps=12", "--config.seed=1", "--config.eval_every_steps=12")
+    assert not np.allclose(final_params(uninterrupted)["conv1_1/kernel"], final_params(other)["conv1_1/kernel"])
+
+
+def _start(cmd: list[str]) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before the condition: {proc.stderr.read()[-3000:]}")
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_sigkill_then_resume_reaches_the_same_parameters(uninterrupted, tmp_path, data_dir):
+    """SIGKILL (no chance to clean up) after half the steps; the restart resumes and matches bitwise."""
+    cmd = main_command(tmp_path, data_dir, "--config.num_train_steps=12", "--config.checkpoint.every_steps=2",
+                       "--config.eval_every_steps=6")
+    proc = _start(cmd)
+    _wait_for(lambda: latest_step(tmp_path) >= 6, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert latest_step(tmp_path) < 12
+    run_main(tmp_path, data_dir, "--config.num_train_steps=12", "--config.checkpoint.every_steps=2",
+             "--config.eval_every_steps=6")
+    assert_params_equal(final_params(uninterrupted), final_params(tmp_path))
+
+
+def test_sigkill_during_async_save_resumes_from_last_complete_checkpoint(uninterrupted, tmp_path, data_dir):
+    cmd = main_command(tmp_path, data_dir, "--config.num_train_steps=12", "--config.checkpoint.every_steps=2",
+                       "--config.eval_every_steps=6", script=str(KILL_DURING_SAVE))
+    proc = _start(cmd)
+    # slow_save_main.py stalls the save of step 6 half-way, after its temporary directory exists.
+    _wait_for(lambda: (tmp_path / "checkpoints" / "stalled").exists(), proc)
+    assert [p.name for p in (tmp_path / "checkpoints").glob("6.orbax-checkpoint-tmp*")]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert checkpoints.find_checkpoint(tmp_path).name == "4"
+    run_main(tmp_path, data_dir, "--config.num_train_steps=12", "--config.checkpoint.every_steps=2",
+             "--config.eval_every_steps=6")
+    assert not list((tmp_path / "checkpoints").glob("*tmp*"))
+    assert_params_equal(final_params(uninterrupted), final_params(tmp_path))
+
+
+def test_sigterm_saves_a_final_checkpoint(tmp_path, data_dir):
+    proc = _start(main_command(tmp_path, data_dir, "--config.num_train_steps=100000",
+                               "--config.checkpoint.every_steps=5", "--config.eval_every_steps=1000"))
+    _wait_for(lambda: latest_step(tmp_path) >= 5, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, proc.stderr.read()[-3000:]
+    step = json.loads((tmp_path / "results.json").read_text())["step"]
+    assert 5 <= step < 100000 and latest_step(tmp_path) == step
+    assert "Preempted at step" in proc.stderr.read()
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
+    proc = run_main(tmp_path, data_dir, "--config.num_train_steps=50", "--config.checkpoint.every_steps=1",
+                    "--config.eval_every_steps=1000", "--config.optimizer.learning_rate=1e12", expect_ok=False)
+    assert proc.returncode != 0
+    assert "Non-finite loss or gradient at step" in proc.stderr
+    bad_step = int(proc.stderr.split("Non-finite loss or gradient at step ")[1].split()[0])
+    good = checkpoints.find_checkpoint(tmp_path)
+    assert int(good.name) < bad_step
+    params = final_params(tmp_path)
+    assert all(np.isfinite(v).all() for v in params.values())
+
+
+def test_checkpoint_of_another_model_is_a_clear_error(uninterrupted, tmp_path, data_dir):
+    import shutil
+
+    shutil.copytree(uninterrupted / "checkpoints", tmp_path / "checkpoints")
+    proc = run_main(tmp_path, data_dir, "--config.num_train_steps=14", "--config.model.width=8", expect_ok=False)
+    assert "params/conv1_1/bias has shape (4,) there but (8,) here" in proc.stderr
+
+
+def test_misspelt_config_key_is_a_clear_error(tmp_path, data_dir):
+    proc = run_main(tmp_path, data_dir, "--config.model.widht=8", expect_ok=False)
+    assert proc.returncode != 0 and "widht" in proc.stderr and "width" in proc.stderr
+
+
+def test_loss_falls_on_the_builtin_data(tmp_path, data_dir):
+    import tensorflow as tf
+
+    run_main(tmp_path, data_dir, "--config.num_train_steps=60", "--config.eval_every_steps=60",
+             "--config.checkpoint.every_steps=60", "--config.log_every_steps=10",
+             "--config.optimizer.learning_rate=0.01", "--config.model.dropout_rate=0.0")
+    losses = {}
+    for path in tmp_path.glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                if value.tag == "train/loss":
+                    losses[event.step] = float(tf.make_ndarray(value.tensor))
+    assert sorted(losses) == [10, 20, 30, 40, 50, 60]
+    assert losses[60] < losses[10] - 0.1, losses
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_training_checkpoints_and_resumes(tmp_path, data_dir):
+    """2 processes x 1 CPU device each on localhost: per-process iterator states, agreed params, resume."""
+
+    def launch(steps: int) -> None:
+        port = _free_port()
+        procs = [
+            _start(main_command(
+                tmp_path, data_dir, f"--config.num_train_steps={steps}", "--config.checkpoint.every_steps=2",
+                "--config.eval_every_steps=4", "--config.distributed.enabled=True",
+                f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
+            ))
+            for i in range(2)
+        ]
+        for p in procs:
+            assert p.wait(timeout=600) == 0, p.stderr.read()[-4000:]
+
+    launch(4)
+    step_dir = checkpoints.find_checkpoint(tmp_path)
+    states = [json.loads((step_dir / "data" / f"process_{i}.json").read_text())["json"] for i in range(2)]
+    assert [s["layout"]["process_index"] for s in states] == [0, 1]
+    launch(6)
+    assert latest_step(tmp_path) == 6
+    assert json.loads((tmp_path / "results.json").read_text())["images"] == 40
+
+
+def test_init_from_and_staged_init_from_another_run(uninterrupted, tmp_path, data_dir):
+    """The paper's chain: a run starts from another's parameters; B..E start from a trained A (Sect. 3.1)."""
+    a_params = final_params(uninterrupted)  # a trained configuration A (vgg11) run
+    frozen = ["--config.num_train_steps=1", "--config.optimizer.learning_rate=0.0", "--config.eval_every_steps=1",
+              "--config.optimizer.weight_decay=0.0"]
+    finetune = tmp_path / "finetune"
+    run_main(finetune, data_dir, *frozen, f"--config.init_from={uninterrupted}")
+    assert_params_equal(a_params, final_params(finetune))
+
+    staged = tmp_path / "staged"
+    run_main(staged, data_dir, *frozen, "--config.model.name=D", f"--config.staged_init_from={uninterrupted}")
+    d_params = final_params(staged)
+    for layer in ("conv1_1", "conv2_1", "conv3_1", "conv3_2", "fc6", "fc7", "fc8"):
+        np.testing.assert_array_equal(d_params[f"{layer}/kernel"], a_params[f"{layer}/kernel"])
+    assert "conv1_2/kernel" in d_params and "conv1_2/kernel" not in a_params
+    assert not np.array_equal(d_params["conv4_1/kernel"], a_params["conv4_1/kernel"])

@@ -1,0 +1,207 @@
+"""Train step, optimizer and schedule tests (synthetic batches; the data pipeline is not involved)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from vgg_jax import models, optim
+from vgg_jax import train_step as train_step_lib
+from vgg_jax.train_step import create_train_state
+
+train_step = jax.jit(train_step_lib.train_step, static_argnames=("accum_steps", "remat"))
+WORKER = Path(__file__).with_name("sharded_train_worker.py")
+
+
+def opt_config(**overrides):
+    cfg = dict(
+        learning_rate=0.1, momentum=0.9, nesterov=False, weight_decay=5e-4, decay_biases=False, schedule="constant",
+        decay_factor=0.1, step_boundaries=[2], warmup_steps=0, trainable=".*",
+    )
+    return ml_collections.ConfigDict(cfg | overrides)
+
+
+def tiny_state(name="vgg11", tx=None, **model_overrides):
+    options = dict(num_classes=5, width=4, fc_width=16, crop_size=32, init_scheme="glorot") | model_overrides
+    model = models.get_model(name, **options)
+    return create_train_state(model, tx or optim.make_optimizer(opt_config(), 10), jax.random.PRNGKey(0))
+
+
+def batch(n=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"image": jnp.asarray(rng.normal(size=(n, 32, 32, 3)), jnp.float32),
+            "label": jnp.asarray(rng.integers(0, 5, size=n), jnp.int32)}
+
+
+def test_sgd_momentum_and_l2_decay_match_caffe_update_in_float64():
+    """Caffe SGD (paper Sect. 3.1): v = mu v - lr (g + wd w) on kernels, v = mu v - lr g on biases; w += v."""
+    state = tiny_state(dropout_rate=0.0)
+    b = batch()
+    grads = jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
+        state.apply_fn({"params": p}, b["image"]), b["label"]).mean())(state.params)
+    w0 = np.asarray(state.params["conv2_1"]["kernel"], np.float64)
+    bias0 = np.asarray(state.params["conv2_1"]["bias"], np.float64)
+    g = np.asarray(grads["conv2_1"]["kernel"], np.float64)
+    gb = np.asarray(grads["conv2_1"]["bias"], np.float64)
+    s1, _ = train_step(state, b)
+    v = -0.1 * (g + 5e-4 * w0)
+    np.testing.assert_allclose(s1.params["conv2_1"]["kernel"], w0 + v, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(s1.params["conv2_1"]["bias"], bias0 - 0.1 * gb, rtol=1e-5, atol=1e-7)
+    # Second step: the momentum term carries 0.9 of the first update.
+    s2, _ = train_step(s1, b)
+    w1 = np.asarray(s1.params["conv2_1"]["kernel"], np.float64)
+    g1 = np.asarray(jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
+        s1.apply_fn({"params": p}, b["image"]), b["label"]).mean())(s1.params)["conv2_1"]["kernel"], np.float64)
+    np.testing.assert_allclose(s2.params["conv2_1"]["kernel"], w1 + 0.9 * v - 0.1 * (g1 + 5e-4 * w1), rtol=1e-4, atol=1e-7)
+
+
+def test_decay_biases_option_decays_biases():
+    tx = optim.make_optimizer(opt_config(decay_biases=True, learning_rate=0.0), 10)
+    params = {"fc8": {"kernel": jnp.ones((2,)), "bias": jnp.ones((2,))}}
+    updates, _ = tx.update(jax.tree_util.tree_map(jnp.zeros_like, params), tx.init(params), params)
+    assert all(np.all(u == 0) for u in jax.tree_util.tree_leaves(updates))  # lr 0
+    mask = optim._decay_mask(params, decay_biases=False)
+    assert mask == {"fc8": {"kernel": True, "bias": False}}
+
+
+def test_gradient_accumulation_equals_the_full_batch():
+    state = tiny_state(dropout_rate=0.0)
+    b = batch(8)
+    full, m_full = train_step(state, b)
+    accumulated, m_acc = train_step(state, b, accum_steps=4)
+    for x, y in zip(jax.tree_util.tree_leaves(full.params), jax.tree_util.tree_leaves(accumulated.params)):
+        np.testing.assert_allclose(x, y, rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(m_full.compute()["loss"], m_acc.compute()["loss"], rtol=1e-5)
+    np.testing.assert_allclose(m_full.compute()["top1"], m_acc.compute()["top1"])
+
+
+def test_remat_gives_the_same_update():
+    state = tiny_state(dropout_rate=0.0)
+    b = batch()
+    plain, _ = train_step(state, b)
+    for policy in ("blocks", "full"):
+        remat, _ = train_step(state, b, remat=policy)
+        for x, y in zip(jax.tree_util.tree_leaves(plain.params), jax.tree_util.tree_leaves(remat.params)):
+            np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="Unknown remat"):
+        train_step(state, b, remat="some")
+
+
+def test_non_finite_loss_leaves_the_state_unchanged():
+    state = tiny_state()
+    b = batch()
+    b["image"] = b["image"].at[0, 0, 0, 0].set(jnp.nan)
+    new, m = train_step(state, b)
+    assert float(m.finite.total) == 0.0
+    for x, y in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(new.params)):
+        np.testing.assert_array_equal(x, y)
+    ok, m_ok = train_step(state, batch())
+    assert float(m_ok.finite.total) == 1.0
+
+
+def test_loss_falls_on_a_fixed_batch_and_metrics_are_sane():
+    state = tiny_state("vgg11_bn", tx=optim.make_optimizer(opt_config(learning_rate=0.05), 10), init_scheme="he")
+    b = batch(16)
+    losses = []
+    for _ in range(8):
+        state, m = train_step(state, b)
+        losses.append(float(m.compute()["loss"]))
+    assert losses[-1] < 0.5 * losses[0]
+    summary = m.compute()
+    assert 0.0 <= summary["top1"] <= summary["top5"] <= 1.0
+    assert summary["learning_rate"] == pytest.approx(0.05)
+
+
+def test_frozen_layers_do_not_move():
+    tx = optim.make_optimizer(opt_config(trainable="fc8"), 10)
+    state = tiny_state(tx=tx, dropout_rate=0.0)
+    new, _ = train_step(state, batch())
+    np.testing.assert_array_equal(new.params["conv1_1"]["kernel"], state.params["conv1_1"]["kernel"])
+    assert not np.allclose(new.params["fc8"]["kernel"], state.params["fc8"]["kernel"])
+    assert float(optim.current_learning_rate(new.opt_state)) == pytest.approx(0.1)
+
+
+def test_schedules():
+    step = optim.learning_rate_schedule(opt_config(schedule="step", step_boundaries=[2, 4]), 10)
+    assert [float(step(i)) for i in (0, 2, 4)] == pytest.approx([0.1, 0.01, 0.001])
+    cosine = optim.learning_rate_schedule(opt_config(schedule="cosine", warmup_steps=2), 10)
+    assert float(cosine(2)) == pytest.approx(0.1) and float(cosine(10)) == pytest.approx(0.0, abs=1e-7)
+    with pytest.raises(ValueError, match="Unknown schedule 'linear'"):
+        optim.learning_rate_schedule(opt_config(schedule="linear"), 10)
+
+
+def test_plateau_divides_by_ten_three_times_at_most():
+    p = optim.Plateau(patience=1)
+    accuracies = [0.1, 0.2, 0.2, 0.3, 0.25, 0.3, 0.3, 0.3, 0.3]
+    decisions = [p.update(a) for a in accuracies]
+    assert decisions == [False, False, True, False, True, True, False, False, False]
+    assert p.decreases == 3
+    restored = optim.Plateau()
+    restored.load(p.state())
+    assert restored.state() == p.state()
+    state = tiny_state()
+    lowered = optim.set_learning_rate(state.opt_state, 1e-3)
+    assert float(optim.current_learning_rate(lowered)) == pytest.approx(1e-3)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_workers(tmp_path, name, num_processes, devices, *extra):
+    out = tmp_path / f"{name}.npz"
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(out), "--devices", str(devices), "--process_id", str(i),
+             "--num_processes", str(num_processes), "--port", str(port), *extra],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for i in range(num_processes)
+    ]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-3000:]
+    return dict(np.load(out)), logs
+
+
+def _assert_same_params(a, b, atol=1e-5):
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], atol=atol, rtol=1e-5, err_msg=key)
+
+
+def test_two_processes_equal_one_process(tmp_path):
+    """2 processes x 2 CPU devices (gloo, localhost) end where 1 process x 4 devices does."""
+    one, _ = _run_workers(tmp_path, "one", 1, 4)
+    two, _ = _run_workers(tmp_path, "two", 2, 2)
+    _assert_same_params(one, two)
+
+
+def test_fc_sharding_equals_replicated(tmp_path):
+    """fc6/fc7 split over a model axis of 2 (8 devices as 4 x 2) equals the replicated run."""
+    replicated, _ = _run_workers(tmp_path, "replicated", 1, 8)
+    sharded, logs = _run_workers(tmp_path, "sharded", 1, 8, "--model_axis", "2")
+    assert "fc6 shard shape (1, 1, 32, 16)" in logs[0]
+    _assert_same_params(replicated, sharded)
+
+
+
+def test_gradient_accumulation_on_a_mesh_equals_the_full_batch(tmp_path):
+    """Micro-batches taken from each device's own share (no BN, no dropout: exactly the same gradient)."""
+    full, _ = _run_workers(tmp_path, "full", 1, 4, "--plain")
+    accumulated, _ = _run_workers(tmp_path, "accumulated", 1, 4, "--plain", "--accum", "2")
+    _assert_same_params(full, accumulated)

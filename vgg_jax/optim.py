@@ -1,0 +1,124 @@
+"""The optimizer (paper Sect. 3.1) and its learning-rate schedules.
+
+SGD with momentum 0.9 and weight decay 5e-4 applied as an L2 penalty: ``wd * w`` is added to the
+gradient before momentum, exactly Caffe's ``weight_decay`` (the loss gains ``wd/2 * |w|^2``). As in
+the Caffe prototxts of the VGG release (``decay_mult: 0`` on biases), only kernels are decayed by
+default; ``decay_biases=True`` decays biases and batch-norm scales/offsets too.
+
+Schedules: ``plateau`` is the paper's (lr divided by ``factor`` when validation accuracy stops
+improving, at most ``max_decreases`` times); it is decided on the host after each evaluation and
+written into the optimizer state, so it is saved with every checkpoint. ``step``, ``cosine`` and
+``constant`` are functions of the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+
+def learning_rate_schedule(cfg: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule | float:
+    """The step-wise part of the schedule (``plateau`` starts constant and is lowered on the host)."""
+    lr, kind = cfg.learning_rate, cfg.schedule
+    if kind in ("plateau", "constant"):
+        return lr
+    if kind == "step":
+        boundaries = {int(b): cfg.decay_factor for b in cfg.step_boundaries}
+        return optax.piecewise_constant_schedule(lr, boundaries)
+    if kind == "cosine":
+        warmup = max(cfg.warmup_steps, 1)
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(num_steps, warmup + 1))
+    raise ValueError(f"Unknown schedule {kind!r}: use 'plateau', 'step', 'cosine' or 'constant'.")
+
+
+def _decay_mask(params: Any, decay_biases: bool) -> Any:
+    return jax.tree_util.tree_map_with_path(lambda path, _: decay_biases or path[-1].key == "kernel", params)
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
+    """SGD + momentum + L2 weight decay, with the learning rate injected as a hyperparameter."""
+
+    def sgd(learning_rate):
+        return optax.chain(
+            optax.add_decayed_weights(cfg.weight_decay, mask=lambda p: _decay_mask(p, cfg.decay_biases)),
+            optax.sgd(learning_rate, momentum=cfg.momentum, nesterov=cfg.nesterov),
+        )
+
+    tx = optax.inject_hyperparams(sgd)(learning_rate=learning_rate_schedule(cfg, num_steps))
+    if cfg.trainable != ".*":
+        tx = freeze_others(tx, cfg.trainable)
+    return tx
+
+
+def freeze_others(tx: optax.GradientTransformation, trainable: str) -> optax.GradientTransformation:
+    """Trains only the layers whose name (``conv1_1``, ``fc8``, ...) matches the regex ``trainable``."""
+
+    def labels(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: "train" if re.fullmatch(trainable, path[0].key) else "freeze", params
+        )
+
+    return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+
+
+def _is_injected(node: Any) -> bool:
+    return isinstance(node, (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState))
+
+
+def current_learning_rate(opt_state: Any) -> jax.Array:
+    """The learning rate held in the injected optimizer state (the value of the last update)."""
+    injected = [n for n in jax.tree_util.tree_leaves(opt_state, is_leaf=_is_injected) if _is_injected(n)]
+    return injected[0].hyperparams["learning_rate"]
+
+
+def set_learning_rate(opt_state: Any, value: float) -> Any:
+    """A copy of ``opt_state`` whose injected learning rate is ``value`` (placement kept)."""
+
+    def replace(node: Any) -> Any:
+        if not _is_injected(node):
+            return node
+        old = node.hyperparams["learning_rate"]
+        new = jax.device_put(jnp.asarray(value, old.dtype), old.sharding)
+        return node._replace(hyperparams={**node.hyperparams, "learning_rate": new})
+
+    return jax.tree_util.tree_map(replace, opt_state, is_leaf=_is_injected)
+
+
+@dataclasses.dataclass
+class Plateau:
+    """Paper Sect. 3.1: divide the lr by 10 when validation accuracy stops improving, 3 times at most.
+
+    ``patience`` evaluations without an improvement of at least ``min_delta`` trigger a decrease.
+    The state is plain numbers, saved with each checkpoint.
+    """
+
+    factor: float = 0.1
+    patience: int = 1
+    min_delta: float = 0.0
+    max_decreases: int = 3
+    best: float = -1.0
+    bad_evals: int = 0
+    decreases: int = 0
+
+    def update(self, accuracy: float) -> bool:
+        """Records one validation accuracy; True when the learning rate must now be decreased."""
+        if accuracy > self.best + self.min_delta:
+            self.best, self.bad_evals = accuracy, 0
+            return False
+        self.bad_evals += 1
+        if self.bad_evals >= self.patience and self.decreases < self.max_decreases:
+            self.bad_evals, self.decreases = 0, self.decreases + 1
+            return True
+        return False
+
+    def state(self) -> dict[str, float]:
+        return {"best": self.best, "bad_evals": self.bad_evals, "decreases": self.decreases}
+
+    def load(self, state: dict[str, float]) -> None:
+        self.best, self.bad_evals, self.decreases = state["best"], int(state["bad_evals"]), int(state["decreases"])

@@ -1,0 +1,230 @@
+"""The training loop: data -> sharded train step -> evaluation, schedule, checkpoints, metrics.
+
+``train_and_evaluate(config, workdir)`` resumes automatically from the newest complete checkpoint
+in ``workdir``; a SIGTERM (preemption) saves a final checkpoint before it returns.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from typing import Any
+
+import jax
+import ml_collections
+from absl import logging
+from clu import metric_writers, parameter_overview, periodic_actions
+from etils import epath
+
+from vgg_jax import checkpoints, data, evaluate, models, optim, sharding
+from vgg_jax.train_step import TrainState, create_train_state, jit_train_step
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int) -> models.VGG:
+    """The model a config describes (its crop size is the data's)."""
+    m = config.model
+    return models.get_model(
+        m.name, num_classes=num_classes, width=m.width, fc_width=m.fc_width, crop_size=config.data.crop_size,
+        dropout_rate=m.dropout_rate, dtype=m.dtype, init_scheme=m.init_scheme, init_std=m.init_std,
+    )
+
+
+class PreemptionFlag:
+    """SIGTERM sets the flag (one process); with several processes JAX's preemption sync is used."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        if jax.process_count() == 1:
+            self._previous = signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        logging.warning("SIGTERM received: saving a checkpoint and stopping.")
+        self.raised = True
+
+    def reached(self, step: int, manager: Any) -> bool:
+        return self.raised if jax.process_count() == 1 else manager.reached_preemption(step)
+
+    def restore(self) -> None:
+        if jax.process_count() == 1:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _abstract_state(model: models.VGG, tx, mesh, shard_fc: bool):
+    abstract = jax.eval_shape(lambda rng: create_train_state(model, tx, rng), jax.random.PRNGKey(0))
+    shardings = sharding.state_shardings(mesh, abstract, shard_fc)
+    placed = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    return placed, shardings
+
+
+def _initial_params(config: ml_collections.ConfigDict, fresh: Any, fresh_stats: Any) -> tuple[Any, Any]:
+    """Params from ``init_from`` / ``staged_init_from`` when configured, else the fresh ones."""
+    params, stats = fresh, fresh_stats
+    if config.staged_init_from:
+        trained_a = checkpoints.restore_variables(config.staged_init_from)
+        params, copied = models.staged_init(trained_a["params"], fresh)
+        logging.info("Staged init from %s: copied %s", config.staged_init_from, copied)
+    if config.init_from:
+        source = checkpoints.restore_variables(config.init_from)
+        src_params = source["params"]
+        if config.reset_head:
+            src_params = {**src_params, "fc8": fresh["fc8"]}
+        checkpoints.check_compatible(fresh, src_params, config.init_from)
+        params, stats = src_params, source["batch_stats"] or fresh_stats
+        logging.info("Initialised from %s", config.init_from)
+    return params, stats
+
+
+def create_state(config: ml_collections.ConfigDict, model: models.VGG, tx, mesh) -> tuple[TrainState, Any, Any]:
+    """A new train state placed on the mesh; returns (state, abstract placed state, shardings)."""
+    abstract, shardings = _abstract_state(model, tx, mesh, config.mesh.model > 1)
+    rng = jax.random.PRNGKey(config.seed)
+    state = jax.jit(lambda r: create_train_state(model, tx, r), out_shardings=shardings)(rng)
+    if config.init_from or config.staged_init_from:
+        params, stats = _initial_params(
+            config, checkpoints.numpy_tree(state.params), checkpoints.numpy_tree(state.batch_stats)
+        )
+        # Host copies: identical on every process, placed by the jit below.
+        params, stats = checkpoints.numpy_tree(params), checkpoints.numpy_tree(stats)
+        state = jax.jit(
+            lambda r, p, s: create_train_state(model, tx, r, params=p).replace(batch_stats=s), out_shardings=shardings
+        )(rng, params, stats)
+    return state, abstract, shardings
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains per ``config``, evaluating and checkpointing into ``workdir``; returns the final summary."""
+    workdir = epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh = sharding.make_mesh(config.mesh.model)
+    sharding.local_batch_size(config.global_batch_size, mesh)
+    if config.global_batch_size % (config.grad_accum_steps * mesh.shape[sharding.DATA]):
+        raise ValueError(
+            f"global_batch_size {config.global_batch_size} must be divisible by grad_accum_steps "
+            f"{config.grad_accum_steps} x {mesh.shape[sharding.DATA]} data-parallel devices."
+        )
+    class_names = data.class_names(config.data)
+    model = build_model(config, len(class_names))
+    tx = optim.make_optimizer(config.optimizer, config.num_train_steps)
+    plateau = optim.Plateau(
+        factor=config.optimizer.decay_factor, patience=config.optimizer.patience,
+        min_delta=config.optimizer.min_delta, max_decreases=config.optimizer.max_decreases,
+    )
+    train_iter = data.create_train_iterator(config.data, global_batch_size=config.global_batch_size, seed=config.seed)
+    ckpt = checkpoints.Checkpointer(
+        workdir / "checkpoints", keep=config.checkpoint.keep, keep_best=config.checkpoint.keep_best,
+        async_save=config.checkpoint.async_save,
+    )
+
+    latest = ckpt.latest_step()
+    if latest is None:
+        state, abstract, shardings = create_state(config, model, tx, mesh)
+    else:
+        abstract, shardings = _abstract_state(model, tx, mesh, config.mesh.model > 1)
+        state, data_state, meta = ckpt.restore(latest, abstract)
+        train_iter.set_state(data_state)
+        plateau.load(meta["plateau"])
+        logging.info("Resumed from %s at step %d", ckpt.directory, latest)
+    start_step = int(state.step)
+    if start_step == 0:
+        parameter_overview.log_parameter_overview(state.params)
+
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    if start_step == 0:
+        writer.write_hparams({k: v for k, v in _flat_config(config).items()})
+    hooks: list[Any] = []
+    if jax.process_index() == 0:
+        hooks.append(periodic_actions.ReportProgress(num_train_steps=config.num_train_steps, writer=writer))
+        if config.profile.start_step >= 0:
+            hooks.append(periodic_actions.Profile(
+                logdir=str(workdir), first_profile=config.profile.start_step, num_profile_steps=config.profile.num_steps
+            ))
+    step_fn = jit_train_step(shardings, sharding.batch_sharding(mesh), config.grad_accum_steps, config.remat)
+    preemption = PreemptionFlag()
+
+    def run_eval(step: int) -> dict[str, float]:
+        variables = {"params": state.params} | ({"batch_stats": state.batch_stats} if state.batch_stats else {})
+        results = evaluate.evaluate(
+            state.apply_fn, variables, config.data, mesh, protocol=config.eval_protocol,
+            batch_size=config.eval_batch_size,
+        )
+        writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()})
+        return results
+
+    def save(step: int, top1: float | None) -> None:
+        meta = {
+            "step": step, "plateau": plateau.state(), "config": json.loads(config.to_json_best_effort()),
+            "class_names": class_names,
+        }
+        ckpt.save(step, state, train_iter.get_state(), meta, top1=top1)
+
+    train_metrics, last_eval, pending, started = None, None, None, time.time()
+    step = start_step
+    try:
+        while step < config.num_train_steps:
+            local = next(train_iter)
+            batch = sharding.to_global({"image": local["image"], "label": local["label"]}, mesh)
+            state, step_metrics = step_fn(state, batch)
+            step += 1
+            # Checked one step late, so the host never waits for the device here; no checkpoint is
+            # written before its step's check (below).
+            if pending is not None:
+                _check_finite(*pending, ckpt.directory)
+            pending = (step, step_metrics)
+            train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
+            for hook in hooks:
+                hook(step)
+            if step % config.log_every_steps == 0 or step == config.num_train_steps:
+                writer.write_scalars(step, {f"train/{k}": v for k, v in train_metrics.compute().items()})
+                train_metrics = None
+            preempted = preemption.reached(step, ckpt.manager)
+            top1 = None
+            if step % config.eval_every_steps == 0 or step == config.num_train_steps:
+                last_eval = run_eval(step)
+                scale = config.data.eval_scales[0]
+                top1 = 1.0 - last_eval[f"top1_error@{scale}"] / 100.0
+                if config.optimizer.schedule == "plateau" and plateau.update(top1):
+                    new_lr = float(optim.current_learning_rate(state.opt_state)) * plateau.factor
+                    state = state.replace(opt_state=optim.set_learning_rate(state.opt_state, new_lr))
+                    logging.info("Step %d: validation top-1 stopped improving; learning rate -> %g", step, new_lr)
+            if step % config.checkpoint.every_steps == 0 or step == config.num_train_steps or preempted:
+                _check_finite(*pending, ckpt.directory)
+                save(step, top1)
+            if preempted:
+                logging.warning("Preempted at step %d: checkpoint saved, stopping.", step)
+                break
+    finally:
+        ckpt.wait()
+        ckpt.close()
+        preemption.restore()
+        writer.flush()
+
+    summary = {
+        "step": step,
+        "model": config.model.name,
+        "train_seconds": round(time.time() - started, 1),
+        "learning_rate": float(optim.current_learning_rate(state.opt_state)),
+        **(last_eval or {}),
+    }
+    if jax.process_index() == 0:
+        (workdir / "results.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _check_finite(step: int, step_metrics: Any, checkpoint_dir: epath.Path) -> None:
+    if float(step_metrics.finite.total) < 1.0:
+        raise FloatingPointError(
+            f"Non-finite loss or gradient at step {step} (that update was not applied). The newest "
+            f"checkpoint in {checkpoint_dir} is intact: lower the learning rate or check the data, then "
+            "rerun to resume from it."
+        )
+
+
+def _flat_config(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            flat |= _flat_config(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat

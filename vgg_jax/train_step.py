@@ -1,0 +1,133 @@
+"""The train state and the pure ``train_step(state, batch) -> (state, metrics)``."""
+
+# No `from __future__ import annotations`: clu metric Collections read their annotations.
+import functools
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from clu import metrics
+from flax.training import train_state
+
+from vgg_jax import models, optim
+
+
+class TrainState(train_state.TrainState):
+    """Params, optimizer state and step (flax), plus BN statistics and the dropout key."""
+
+    batch_stats: Any = flax.struct.field(default_factory=dict)
+    dropout_rng: jax.Array | None = None
+
+
+@flax.struct.dataclass
+class TrainMetrics(metrics.Collection):
+    loss: metrics.Average.from_output("loss")
+    top1: metrics.Average.from_output("top1")
+    top5: metrics.Average.from_output("top5")
+    learning_rate: metrics.LastValue.from_output("learning_rate")
+    # 1.0 when every merged step had a finite loss and gradient.
+    finite: metrics.Average.from_output("finite")
+
+
+def create_train_state(
+    model: models.VGG, tx: optax.GradientTransformation, rng: jax.Array, params: Any | None = None
+) -> TrainState:
+    """A fresh state (``params`` given: start from them, e.g. staged init or fine-tuning)."""
+    init_rng, dropout_rng = jax.random.split(rng)
+    variables = models.init_variables(model, init_rng)
+    return TrainState.create(
+        apply_fn=model.apply,
+        params=variables["params"] if params is None else params,
+        tx=tx,
+        batch_stats=variables.get("batch_stats", {}),
+        dropout_rng=dropout_rng,
+    )
+
+
+def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
+    """1.0 where the label is among the k highest logits, per example."""
+    _, top = jax.lax.top_k(logits, k)
+    return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
+
+
+REMAT_POLICIES = {
+    "blocks": jax.checkpoint_policies.save_only_these_names(*(f"pool{b}" for b in range(1, 6))),
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def _loss_and_grads(state: TrainState, params: Any, batch_stats: Any, images, labels, rng, remat: str):
+    def loss_fn(p):
+        variables = {"params": p} | ({"batch_stats": batch_stats} if batch_stats else {})
+        logits, updates = state.apply_fn(
+            variables, images, train=True, rngs={"dropout": rng}, mutable=["batch_stats"] if batch_stats else []
+        )
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        return loss, (logits, updates.get("batch_stats", batch_stats))
+
+    if remat != "none":
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"Unknown remat {remat!r}: use 'none', 'blocks' or 'full'.")
+        loss_fn = jax.checkpoint(loss_fn, policy=REMAT_POLICIES[remat])
+    (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    return loss, logits, new_stats, grads
+
+
+def train_step(
+    state: TrainState, batch: dict[str, jax.Array], accum_steps: int = 1, remat: str = "none"
+) -> tuple[TrainState, TrainMetrics]:
+    """One SGD step on a global batch, the gradient averaged over ``accum_steps`` micro-batches.
+
+    A step whose loss or gradient is not finite leaves the state unchanged; ``metrics.finite`` is
+    then 0 and the training loop stops with an error naming the step.
+    """
+    rng = jax.random.fold_in(state.dropout_rng, state.step)
+    images, labels = batch["image"], batch["label"]
+    if accum_steps == 1:
+        loss, logits, new_stats, grads = _loss_and_grads(
+            state, state.params, state.batch_stats, images, labels, rng, remat
+        )
+    else:
+        # Example i of micro-batch m is batch[i * accum + m]: each device keeps its own examples.
+        def split(x):
+            return jnp.moveaxis(x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]), 1, 0)
+
+        def micro(carry, xs):
+            grads_sum, stats = carry
+            step_images, step_labels, m = xs
+            loss, logits, stats, grads = _loss_and_grads(
+                state, state.params, stats, step_images, step_labels, jax.random.fold_in(rng, m), remat
+            )
+            return (jax.tree_util.tree_map(jnp.add, grads_sum, grads), stats), (loss, logits)
+
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+        (grads, new_stats), (losses, logits) = jax.lax.scan(
+            micro, (zeros, state.batch_stats), (split(images), split(labels), jnp.arange(accum_steps))
+        )
+        grads = jax.tree_util.tree_map(lambda g: g / accum_steps, grads)
+        loss = losses.mean()
+        logits = jnp.moveaxis(logits, 0, 1).reshape(labels.shape[0], -1)
+
+    finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
+    new_state = state.apply_gradients(grads=grads, batch_stats=new_stats)
+    new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    step_metrics = TrainMetrics.single_from_model_output(
+        loss=loss,
+        top1=topk_correct(logits, labels, 1),
+        top5=topk_correct(logits, labels, min(5, logits.shape[-1])),
+        learning_rate=optim.current_learning_rate(state.opt_state),
+        finite=finite.astype(jnp.float32),
+    )
+    return new_state, step_metrics
+
+
+def jit_train_step(state_shardings: Any, batch_sharding: Any, accum_steps: int = 1, remat: str = "none"):
+    """``train_step`` under jit: state and batch placed by the given shardings, state donated."""
+    return jax.jit(
+        functools.partial(train_step, accum_steps=accum_steps, remat=remat),
+        in_shardings=(state_shardings, batch_sharding),
+        out_shardings=(state_shardings, None),
+        donate_argnums=0,
+    )
