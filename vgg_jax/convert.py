@@ -1,0 +1,487 @@
+"""Weight import and export between vgg_jax and torchvision, Keras and Caffe layouts.
+
+Every source is read into a flat ``{name: array}`` dict, then mapped tensor by tensor through a
+*layout* (the source's name, shape and axis order of each of our variables), checking every name
+and shape first: a file of another architecture is refused naming the tensor, the shape the model
+expects and the shape found.
+
+Layouts:
+
+* ``torchvision`` (``vgg11`` ... ``vgg19``, ``vgg*_bn``): ``features.N.{weight,bias}`` where N walks
+  torchvision's ``make_layers`` sequence (conv, [BatchNorm2d], ReLU per conv; MaxPool per block);
+  BN tensors are ``weight -> scale``, ``bias -> bias``, ``running_mean -> mean``,
+  ``running_var -> var`` (``num_batches_tracked`` is ignored). Conv kernels OIHW -> HWIO is
+  ``transpose(2, 3, 1, 0)``; ``classifier.0/3/6`` are fc6/fc7/fc8 as Linear ``(out, in)``, fc6's
+  input flattened in C, H, W order: ``(4096, 25088) -> (4096, 512, 7, 7) -> (7, 7, 512, 4096)``.
+* ``keras`` (``keras.applications.VGG16/VGG19``, ``include_top=True``): ``block{b}_conv{i}``,
+  ``fc1``, ``fc2``, ``predictions``, each ``kernel`` (HWIO; fc1 ``(25088, 4096)`` flattened H, W, C)
+  and ``bias``.
+* ``caffe``: the release ``VGG_ILSVRC_16_layers`` / ``VGG_ILSVRC_19_layers`` caffemodels dumped with
+  pycaffe, blob 0 as ``W`` and blob 1 as ``b``::
+
+      np.savez("vgg16_caffe.npz", **{f"{name}/{n}": blobs[i].data
+                                     for name, blobs in net.params.items() for i, n in enumerate("Wb")})
+
+  i.e. keys ``conv1_1/W`` (OIHW), ``conv1_1/b``, ..., ``fc6/W`` ``(4096, 25088)`` (C, H, W
+  flattened, as Caffe's InnerProduct), ``fc8/b``; an ``.h5`` with the same paths (groups
+  ``conv1_1`` holding datasets ``W`` and ``b``) works too.
+
+Keras and Caffe networks take BGR input. Imports from them reverse conv1_1's input-channel axis so
+that every checkpoint of this project takes RGB, which the training pipeline feeds (an exact
+permutation, no numerical change); their preprocessing is stored as RGB with the mean reordered.
+
+Files are never unpickled unsafely: ``.pth`` goes through ``torch.load(weights_only=True)``, ``.npz``
+through ``np.load(allow_pickle=False)``; safetensors and HDF5 hold no code.
+
+CLI::
+
+    python -m vgg_jax.convert --source=torchvision --model=vgg16 vgg16-397923af.pth CKPT_DIR
+    python -m vgg_jax.convert --source=keras --model=vgg19 vgg19_weights_tf_dim_ordering_tf_kernels.h5 CKPT_DIR
+    python -m vgg_jax.convert --source=caffe --model=vgg16 vgg16_caffe.npz CKPT_DIR
+    python -m vgg_jax.convert --to=torchvision-safetensors CKPT_DIR vgg16.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import pickle
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vgg_jax import checkpoints, models
+from vgg_jax.models import VGG
+
+SOURCES = ("torchvision", "keras", "caffe")
+
+# Input conventions ("preprocessing" in a converted checkpoint's meta): images in channel_order,
+# on [0, input_scale], then (x - mean) / std per channel in that order.
+PREPROCESSING: dict[str, dict[str, Any]] = {
+    "torchvision": {"channel_order": "RGB", "input_scale": 1.0, "mean": [0.485, 0.456, 0.406],
+                    "std": [0.229, 0.224, 0.225]},
+    # Caffe's and Keras' BGR mean [103.939, 116.779, 123.68], reordered for the flipped conv1_1.
+    "caffe": {"channel_order": "RGB", "input_scale": 255.0, "mean": [123.68, 116.779, 103.939],
+              "std": [1.0, 1.0, 1.0]},
+}
+SOURCE_PREPROCESSING = {"torchvision": "torchvision", "keras": "caffe", "caffe": "caffe"}
+BGR_SOURCES = ("keras", "caffe")
+FC8_BIAS = {"torchvision": "classifier.6.bias", "keras": "predictions/bias", "caffe": "fc8/b"}
+IGNORED = re.compile(r".*\.num_batches_tracked")  # torchvision BN bookkeeping, not a weight
+
+OIHW, HWIO = "oihw", "hwio"
+
+
+@dataclasses.dataclass(frozen=True)
+class Tensor:
+    """One tensor of a foreign layout and the variable of ours it holds.
+
+    ``kernel`` is the foreign axis order of a kernel: ``oihw`` (torch, Caffe: conv OIHW, FC
+    ``(out, C*H*W)``), ``hwio`` (Keras: conv HWIO, FC ``(H*W*C, out)``) or None for vectors.
+    """
+
+    key: str
+    layer: str
+    leaf: str
+    collection: str = "params"
+    kernel: str | None = None
+
+    def foreign_shape(self, ours: tuple[int, ...]) -> tuple[int, ...]:
+        if self.kernel is None:
+            return ours
+        h, w, i, o = ours
+        if self.layer.startswith("fc"):
+            return (o, i * h * w) if self.kernel == OIHW else (h * w * i, o)
+        return (o, i, h, w) if self.kernel == OIHW else ours
+
+    def to_ours(self, array: np.ndarray, ours: tuple[int, ...]) -> np.ndarray:
+        if self.kernel == OIHW:
+            h, w, i, o = ours
+            return array.reshape(o, i, h, w).transpose(2, 3, 1, 0)
+        return array.reshape(ours)
+
+    def to_foreign(self, array: np.ndarray) -> np.ndarray:
+        shape = self.foreign_shape(array.shape)
+        return (array.transpose(3, 2, 0, 1) if self.kernel == OIHW else array).reshape(shape)
+
+
+def _conv_names(model: VGG) -> list[str]:
+    return [f"{b}_{i}" for b, block in enumerate(model.stages, start=1) for i in range(1, len(block) + 1)]
+
+
+def torchvision_layout(model: VGG) -> list[Tensor]:
+    """torchvision's state-dict keys for ``model``, by walking its conv, [bn], relu, pool sequence."""
+    tensors, index = [], 0
+    for block, kernels in enumerate(model.stages, start=1):
+        for i in range(1, len(kernels) + 1):
+            tensors += [Tensor(f"features.{index}.weight", f"conv{block}_{i}", "kernel", kernel=OIHW),
+                        Tensor(f"features.{index}.bias", f"conv{block}_{i}", "bias")]
+            index += 1
+            if model.batch_norm:
+                tensors += [
+                    Tensor(f"features.{index}.{theirs}", f"bn{block}_{i}", ours, collection)
+                    for theirs, ours, collection in (("weight", "scale", "params"), ("bias", "bias", "params"),
+                                                     ("running_mean", "mean", "batch_stats"),
+                                                     ("running_var", "var", "batch_stats"))
+                ]
+                index += 1
+            index += 1  # ReLU
+        index += 1  # MaxPool2d
+    for index, layer in ((0, "fc6"), (3, "fc7"), (6, "fc8")):  # Linear, ReLU, Dropout, ...
+        tensors += [Tensor(f"classifier.{index}.weight", layer, "kernel", kernel=OIHW),
+                    Tensor(f"classifier.{index}.bias", layer, "bias")]
+    return tensors
+
+
+def keras_layer_names(model: VGG) -> dict[str, str]:
+    """Maps our layer names to ``keras.applications.VGG16/VGG19`` names (block{b}_conv{i}, fc1, fc2, predictions)."""
+    names = {f"conv{n}": "block{}_conv{}".format(*n.split("_")) for n in _conv_names(model)}
+    return names | {"fc6": "fc1", "fc7": "fc2", "fc8": "predictions"}
+
+
+def keras_layout(model: VGG) -> list[Tensor]:
+    return [Tensor(f"{theirs}/{leaf}", ours, leaf, kernel=HWIO if leaf == "kernel" else None)
+            for ours, theirs in keras_layer_names(model).items() for leaf in ("kernel", "bias")]
+
+
+def caffe_layout(model: VGG) -> list[Tensor]:
+    layers = [f"conv{n}" for n in _conv_names(model)] + ["fc6", "fc7", "fc8"]
+    return [Tensor(f"{layer}/{blob}", layer, leaf, kernel=OIHW if leaf == "kernel" else None)
+            for layer in layers for blob, leaf in (("W", "kernel"), ("b", "bias"))]
+
+
+LAYOUTS: dict[str, Callable[[VGG], list[Tensor]]] = {
+    "torchvision": torchvision_layout, "keras": keras_layout, "caffe": caffe_layout,
+}
+
+
+def registry_name(stages: models.Stages, batch_norm: bool, lrn: bool = False) -> str | None:
+    """The ``models.MODELS`` name with these stages, BN and LRN, if any."""
+    for name, factory in models.MODELS.items():
+        m = factory()
+        if (m.stages, m.batch_norm, m.lrn) == (tuple(map(tuple, stages)), batch_norm, lrn):
+            return name
+    return None
+
+
+def _describe(model: VGG) -> str:
+    name = registry_name(model.stages, model.batch_norm, model.lrn) or "this VGG"
+    return (f"{name} (width {model.width}, fc_width {model.fc_width}, crop_size {model.crop_size}, "
+            f"{model.num_classes} classes)")
+
+
+def _layout(model: VGG, source: str) -> list[Tensor]:
+    if source not in LAYOUTS:
+        raise ValueError(f"Unknown source {source!r}: use one of {', '.join(SOURCES)}.")
+    if model.lrn:
+        raise ValueError(f"{source} has no VGG with LRN (A-LRN): use vgg11 for its weights.")
+    if model.batch_norm and source != "torchvision":
+        raise ValueError(f"{source} VGGs have no batch norm: use a model without '_bn'.")
+    return LAYOUTS[source](model)
+
+
+def guess_torchvision_model(tensors: Mapping[str, Any]) -> str:
+    """Names the torchvision architecture of a state dict from its conv indices and kernel sizes."""
+    convs = sorted((int(k.split(".")[1]), np.shape(v)[-1]) for k, v in tensors.items()
+                   if re.fullmatch(r"features\.\d+\.weight", k) and np.ndim(v) == 4)
+    batch_norm = any(k.endswith(".running_mean") for k in tensors)
+    stages: list[list[int]] = []
+    previous = None
+    for index, kernel in convs:
+        if previous is None or index - previous > (3 if batch_norm else 2):  # a MaxPool in between
+            stages.append([])
+        stages[-1].append(kernel)
+        previous = index
+    described = "kernel sizes per block " + str([tuple(s) for s in stages]) + (" with batch norm" if batch_norm else "")
+    name = registry_name(stages, batch_norm)
+    return f"{name} ({described})" if name else f"a VGG with {described}"
+
+
+def import_tensors(tensors: Mapping[str, Any], model: VGG, source: str) -> dict[str, Any]:
+    """``{'params', 'batch_stats'}`` for ``model`` from a flat dict of ``source``-layout tensors.
+
+    Raises ValueError naming the first tensor that is missing, has another shape than ``model``
+    needs, or is not used by ``model``.
+    """
+    layout = _layout(model, source)
+    shapes = models.variable_shapes(model)
+    hint = f" The file looks like {guess_torchvision_model(tensors)}." if source == "torchvision" else ""
+    fix = " Convert with the file's architecture (--model, --width, --fc_width, --crop_size)."
+    for t in layout:
+        expected = t.foreign_shape(tuple(shapes[t.collection][t.layer][t.leaf].shape))
+        if t.key not in tensors:
+            raise ValueError(f"The {source} file has no tensor {t.key!r} ({t.layer}/{t.leaf}, expected shape "
+                             f"{expected}) that {_describe(model)} needs.{hint}{fix}")
+        found = tuple(np.shape(tensors[t.key]))
+        if found != expected:
+            raise ValueError(f"Tensor {t.key!r} ({t.layer}/{t.leaf}) has shape {found} in the {source} file but "
+                             f"{_describe(model)} expects {expected}.{hint}{fix}")
+    used = {t.key for t in layout}
+    extra = sorted(k for k in tensors if k not in used and not IGNORED.fullmatch(k))
+    if extra:
+        raise ValueError(f"The {source} file has tensor {extra[0]!r} (shape {tuple(np.shape(tensors[extra[0]]))}) "
+                         f"that {_describe(model)} does not use.{hint}{fix}")
+    variables: dict[str, Any] = {"params": {}, "batch_stats": {}}
+    for t in layout:
+        ours = tuple(shapes[t.collection][t.layer][t.leaf].shape)
+        value = t.to_ours(np.asarray(tensors[t.key], np.float32), ours)
+        variables[t.collection].setdefault(t.layer, {})[t.leaf] = np.ascontiguousarray(value)
+    return variables
+
+
+def bgr_to_rgb(params: Mapping[str, Any]) -> dict[str, Any]:
+    """Params of a BGR-input network made to take RGB: conv1_1's input-channel axis reversed."""
+    conv = params["conv1_1"]
+    return {**params, "conv1_1": {**conv, "kernel": np.ascontiguousarray(np.asarray(conv["kernel"])[:, :, ::-1, :])}}
+
+
+def from_torchvision(state_dict: Mapping[str, Any], model: VGG) -> dict[str, Any]:
+    """``{'params', 'batch_stats'}`` from a torchvision VGG state dict (arrays or torch tensors)."""
+    return import_tensors({k: _numpy(v) for k, v in state_dict.items()}, model, "torchvision")
+
+
+def keras_tensors(keras_model: Any) -> dict[str, np.ndarray]:
+    """A live Keras model's weights as ``{'<layer>/kernel', '<layer>/bias'}``."""
+    return {f"{layer.name}/{leaf}": np.asarray(w)
+            for layer in keras_model.layers for leaf, w in zip(("kernel", "bias"), layer.get_weights())}
+
+
+def from_keras(keras_model: Any, model: VGG) -> dict[str, Any]:
+    """Params for ``model`` from a live Keras VGG16/VGG19 (``include_top=True``), input order kept (BGR for
+    the ImageNet weights). Raises ValueError naming the first tensor that does not fit."""
+    return import_tensors(keras_tensors(keras_model), model, "keras")["params"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading files
+
+
+def _numpy(value: Any) -> np.ndarray:
+    """A torch tensor or array as numpy (floating point as float32)."""
+    if hasattr(value, "detach"):
+        value = value.detach().cpu()
+        value = (value.float() if value.is_floating_point() else value).numpy()
+    return np.asarray(value)
+
+
+def read_torch(path: str | Path) -> dict[str, np.ndarray]:
+    """A torch state dict from ``.pth`` (``torch.load(weights_only=True)``: code in the pickle is refused)."""
+    try:
+        import torch
+    except ImportError as err:
+        raise ImportError(f"Reading {path} needs torch (pip install torch), or convert it to .safetensors.") from err
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as err:
+        found = re.search(r"WeightsUnpickler error: (.*?\.)(?:\s|$)", str(err))
+        reason = found.group(1) if found else str(err).strip().splitlines()[-1]
+        raise ValueError(
+            f"Refused to load {path}: it is not a plain tensor state dict, and unpickling it could run code, "
+            f"so it was not loaded (torch.load(weights_only=True): {reason}). If you trust the file, save its "
+            "model.state_dict() (or a safetensors file) where you can vet it, and convert that."
+        ) from err
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict of tensors: save model.state_dict().")
+    return {k: _numpy(v) for k, v in state.items()}
+
+
+def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(path))
+
+
+def read_keras_h5(path: str | Path) -> dict[str, np.ndarray]:
+    """Keras weights from HDF5: Keras 3 ``.weights.h5``, or the legacy layout of the released
+    ``vgg16_weights_tf_dim_ordering_tf_kernels.h5`` and of ``model.save('x.h5')``."""
+    import h5py
+
+    def text(s: Any) -> str:
+        return s.decode() if isinstance(s, bytes) else str(s)
+
+    layers: dict[str, list[np.ndarray]] = {}
+    with h5py.File(path, "r") as f:
+        if "layers" in f:  # Keras 3: layers/<key>/vars/<i>, the layer name in vars' attrs
+            for group in f["layers"].values():
+                if "vars" in group and len(group["vars"]):
+                    layers[text(group["vars"].attrs["name"])] = [group["vars"][str(i)][()] for i in range(len(group["vars"]))]
+        else:
+            root = f["model_weights"] if "model_weights" in f else f
+            if "layer_names" not in root.attrs:
+                raise ValueError(f"{path} is not a Keras weights file (no 'layers' group or 'layer_names' attribute).")
+            for name in map(text, root.attrs["layer_names"]):
+                layers[name] = [root[name][text(w)][()] for w in root[name].attrs["weight_names"]]
+    return {f"{layer}/{leaf}": w for layer, ws in layers.items() for leaf, w in zip(("kernel", "bias"), ws)}
+
+
+def read_h5_datasets(path: str | Path) -> dict[str, np.ndarray]:
+    """Every dataset of an HDF5 file by its path (``conv1_1/W``)."""
+    import h5py
+
+    out: dict[str, np.ndarray] = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+    return out
+
+
+def read_npz(path: str | Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
+
+
+def read_tensors(path: str | Path, source: str) -> dict[str, np.ndarray]:
+    """The flat tensor dict of a ``source`` file, by its suffix."""
+    suffix = Path(path).suffix.lower()
+    readers: dict[str, dict[str, Callable[[Any], dict[str, np.ndarray]]]] = {
+        "torchvision": {".pth": read_torch, ".pt": read_torch, ".bin": read_torch, ".safetensors": read_safetensors},
+        "keras": {".h5": read_keras_h5, ".hdf5": read_keras_h5},
+        "caffe": {".npz": read_npz, ".h5": read_h5_datasets, ".hdf5": read_h5_datasets},
+    }
+    if source not in readers:
+        raise ValueError(f"Unknown source {source!r}: use one of {', '.join(SOURCES)}.")
+    if suffix not in readers[source]:
+        raise ValueError(f"Cannot read {path} as {source} weights: expected one of {', '.join(readers[source])}.")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"No such weights file: {path}")
+    return readers[source][suffix](path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Export and preprocessing
+
+
+def to_torchvision(variables: Mapping[str, Any], model: VGG) -> dict[str, np.ndarray]:
+    """A torchvision-layout state dict (float32 numpy) of ``variables`` (``load_state_dict``-ready)."""
+    expected = models.variable_shapes(model)
+    stored = {k: variables.get(k) or {} for k in expected}
+    checkpoints.check_compatible(expected, stored, "to export")
+    return {t.key: np.ascontiguousarray(t.to_foreign(np.asarray(stored[t.collection][t.layer][t.leaf], np.float32)))
+            for t in _layout(model, "torchvision")}
+
+
+def save_torchvision_safetensors(path: str | Path, variables: Mapping[str, Any], model: VGG) -> None:
+    """Writes ``to_torchvision(variables, model)`` as safetensors (``safetensors.torch.load_file`` reads it)."""
+    from safetensors.numpy import save_file
+
+    save_file(to_torchvision(variables, model), str(path))
+
+
+def data_normalization(preprocessing: Mapping[str, Any]) -> tuple[list[float], list[float]]:
+    """``(mean_rgb, std_rgb)`` on the 0..255 RGB scale of ``config.data`` for a preprocessing preset."""
+    factor = 255.0 / preprocessing["input_scale"]
+    order = slice(None, None, -1) if preprocessing["channel_order"] == "BGR" else slice(None)
+    return ([m * factor for m in preprocessing["mean"][order]], [s * factor for s in preprocessing["std"][order]])
+
+
+def normalize(images: Any, preprocessing: Mapping[str, Any]) -> Any:
+    """Model input from RGB images on 0..255 (NHWC, numpy or jax) per a preprocessing preset."""
+    x = images * (preprocessing["input_scale"] / 255.0)
+    if preprocessing["channel_order"] == "BGR":
+        x = x[..., ::-1]
+    return (x - np.asarray(preprocessing["mean"], np.float32)) / np.asarray(preprocessing["std"], np.float32)
+
+
+def checkpoint_meta(name: str, model: VGG, source: str, class_names: list[str] | None) -> dict[str, Any]:
+    """The ``meta`` of a converted checkpoint: model and data config, class names, preprocessing, source."""
+    preprocessing = PREPROCESSING[SOURCE_PREPROCESSING[source]]
+    mean_rgb, std_rgb = data_normalization(preprocessing)
+    return {
+        "config": {
+            "model": {"name": models.canonical_name(name), "width": model.width, "fc_width": model.fc_width,
+                      "num_classes": model.num_classes},
+            "data": {"crop_size": model.crop_size, "mean_rgb": mean_rgb, "std_rgb": std_rgb},
+        },
+        "class_names": class_names,
+        "preprocessing": preprocessing,
+        "source": source,
+    }
+
+
+def checkpoint_preprocessing(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint's input convention: its ``preprocessing``, else (training runs) its data config's
+    RGB 0..255 ``(x - mean_rgb) / std_rgb``."""
+    if meta.get("preprocessing"):
+        return dict(meta["preprocessing"])
+    data = meta["config"]["data"]
+    return {"channel_order": "RGB", "input_scale": 255.0, "mean": list(data["mean_rgb"]), "std": list(data["std_rgb"])}
+
+
+def load_checkpoint(path: str | Path) -> tuple[VGG, dict[str, Any], dict[str, Any]]:
+    """``(model, variables, meta)`` of a converted checkpoint or a training run (workdir or step dir)."""
+    meta = checkpoints.read_meta(path)
+    variables = checkpoints.restore_variables(path)
+    m, d = meta["config"]["model"], meta["config"]["data"]
+    model = models.get_model(m["name"], num_classes=int(variables["params"]["fc8"]["kernel"].shape[-1]),
+                             width=m["width"], fc_width=m["fc_width"], crop_size=d["crop_size"])
+    return model, variables, meta
+
+
+def convert_file(path: str | Path, source: str, name: str, **model_options: Any) -> tuple[VGG, dict[str, Any]]:
+    """Reads a weights file and returns ``(model, variables)``; BGR sources are flipped to RGB.
+
+    The class count is the file's (its fc8); ``model_options`` are ``get_model`` options (width, ...).
+    """
+    tensors = read_tensors(path, source)
+    fc8_bias = FC8_BIAS[source]
+    num_classes = int(np.shape(tensors[fc8_bias])[0]) if fc8_bias in tensors else 1000
+    model = models.get_model(name, num_classes=num_classes, **model_options)
+    variables = import_tensors(tensors, model, source)
+    if source in BGR_SOURCES:
+        variables["params"] = bgr_to_rgb(variables["params"])
+    return model, variables
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m vgg_jax.convert", description=__doc__.split("\n\n")[0])
+    parser.add_argument("input", help="weights file (--source) or, with --to=torchvision-safetensors, a checkpoint")
+    parser.add_argument("output", help="checkpoint directory to create, or the .safetensors file to write")
+    parser.add_argument("--source", choices=SOURCES, help="layout of the input weights file")
+    parser.add_argument("--to", choices=("checkpoint", "torchvision-safetensors"), default="checkpoint")
+    parser.add_argument("--model", default="vgg16", help="vgg11 ... vgg19_bn, or the paper's letters")
+    parser.add_argument("--width", type=int, default=64, help="channels of block 1 (64: the published nets)")
+    parser.add_argument("--fc_width", type=int, default=4096)
+    parser.add_argument("--crop_size", type=int, default=224)
+    parser.add_argument("--class_names", help="text file with one class name per line, in fc8's order")
+    return parser
+
+
+def _export(args: argparse.Namespace) -> str:
+    if args.source:
+        raise ValueError("--to=torchvision-safetensors exports a vgg_jax checkpoint: drop --source.")
+    model, variables, _ = load_checkpoint(args.input)
+    save_torchvision_safetensors(args.output, variables, model)
+    return f"Wrote {args.output}: torchvision layout of {_describe(model)}."
+
+
+def _import(args: argparse.Namespace) -> str:
+    if not args.source:
+        raise ValueError(f"--source is required to convert a weights file: one of {', '.join(SOURCES)}.")
+    output = Path(args.output).absolute()
+    if output.exists():
+        raise ValueError(f"{args.output} already exists: choose a new checkpoint directory.")
+    model, variables = convert_file(args.input, args.source, args.model, width=args.width,
+                                    fc_width=args.fc_width, crop_size=args.crop_size)
+    class_names = None
+    if args.class_names:
+        class_names = [line.strip() for line in Path(args.class_names).read_text().splitlines() if line.strip()]
+        if len(class_names) != model.num_classes:
+            raise ValueError(f"{args.class_names} lists {len(class_names)} names but fc8 has {model.num_classes} classes.")
+    checkpoints.save_variables(output, variables, checkpoint_meta(args.model, model, args.source, class_names))
+    order = PREPROCESSING[SOURCE_PREPROCESSING[args.source]]["channel_order"]
+    return f"Wrote {args.output}: {models.canonical_name(args.model)}, {model.num_classes} classes, from {args.source} ({order} input)."
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        print(_export(args) if args.to == "torchvision-safetensors" else _import(args))
+    except (ValueError, FileNotFoundError) as err:  # our messages say what is wrong and what to do
+        parser.error(str(err))
+
+
+if __name__ == "__main__":
+    main()
