@@ -250,3 +250,11 @@ def test_init_from_and_staged_init_from_another_run(uninterrupted, tmp_path, dat
         np.testing.assert_array_equal(d_params[f"{layer}/kernel"], a_params[f"{layer}/kernel"])
     assert "conv1_2/kernel" in d_params and "conv1_2/kernel" not in a_params
     assert not np.array_equal(d_params["conv4_1/kernel"], a_params["conv4_1/kernel"])
+
+
+def test_rerunning_a_finished_run_keeps_its_results(uninterrupted, data_dir):
+    before = (uninterrupted / "results.json").read_text()
+    run_main(uninterrupted, data_dir, "--config.num_train_steps=12", "--config.checkpoint.every_steps=2",
+             "--config.eval_every_steps=6")
+    assert (uninterrupted / "results.json").read_text() == before
+    assert latest_step(uninterrupted) == 12

@@ -369,11 +369,14 @@ def save_torchvision_safetensors(path: str | Path, variables: Mapping[str, Any],
     save_file(to_torchvision(variables, model), str(path))
 
 
-def data_normalization(preprocessing: Mapping[str, Any]) -> tuple[list[float], list[float]]:
+def data_normalization(preprocessing: Mapping[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """``(mean_rgb, std_rgb)`` on the 0..255 RGB scale of ``config.data`` for a preprocessing preset."""
     factor = 255.0 / preprocessing["input_scale"]
     order = slice(None, None, -1) if preprocessing["channel_order"] == "BGR" else slice(None)
-    return ([m * factor for m in preprocessing["mean"][order]], [s * factor for s in preprocessing["std"][order]])
+    return (
+        tuple(m * factor for m in preprocessing["mean"][order]),
+        tuple(s * factor for s in preprocessing["std"][order]),
+    )
 
 
 def normalize(images: Any, preprocessing: Mapping[str, Any]) -> Any:

@@ -94,6 +94,8 @@ def create_state(config: ml_collections.ConfigDict, model: models.VGG, tx, mesh)
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains per ``config``, evaluating and checkpointing into ``workdir``; returns the final summary."""
+    if config.reset_head and not config.init_from:
+        raise ValueError("reset_head=True replaces fc8 of the init_from run's parameters: set --config.init_from.")
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = sharding.make_mesh(config.mesh.model)
@@ -160,6 +162,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     train_metrics, last_eval, pending, started = None, None, None, time.time()
     step = start_step
+    results_path = workdir / "results.json"
+    if step >= config.num_train_steps and results_path.exists():
+        logging.info("%s is already trained to step %d: nothing to do.", workdir, step)
+        ckpt.close()
+        preemption.restore()
+        return json.loads(results_path.read_text())
     try:
         while step < config.num_train_steps:
             local = next(train_iter)
@@ -199,6 +207,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         preemption.restore()
         writer.flush()
 
+    if last_eval is None and step >= config.num_train_steps:
+        last_eval = run_eval(step)  # a finished run restarted without its results.json
     summary = {
         "step": step,
         "model": config.model.name,
@@ -207,7 +217,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         **(last_eval or {}),
     }
     if jax.process_index() == 0:
-        (workdir / "results.json").write_text(json.dumps(summary, indent=2))
+        results_path.write_text(json.dumps(summary, indent=2))
     return summary
 
 

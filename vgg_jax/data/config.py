@@ -12,6 +12,8 @@ from vgg_jax.data.transforms import IMAGENET_MEAN_RGB, IMAGENET_PCA_EIGVAL, IMAG
 
 
 def default_data_config() -> ml_collections.ConfigDict:
+    """Every data field with its default. Sequences are tuples so the command line can override them
+    (``--config.data.mean_rgb='(120., 115., 100.)'``)."""
     c = ml_collections.ConfigDict()
     # Which dataset: 'vgg_jax_demo' (built in, generated locally on first use), 'imagenet2012'
     # (TFDS builder fed from manual_dir), 'folder' (your images, see `folder`) or any TFDS
@@ -43,12 +45,12 @@ def default_data_config() -> ml_collections.ConfigDict:
     # AlexNet PCA colour shift: alpha ~ N(0, pca_alpha_std) per component (0 turns it off);
     # eigen-values on the 0..1 RGB scale, eigen-vectors as columns (rows R, G, B); ImageNet's.
     c.pca_alpha_std = 0.1
-    c.pca_eigval = list(IMAGENET_PCA_EIGVAL)
-    c.pca_eigvec = [list(row) for row in IMAGENET_PCA_EIGVEC]
+    c.pca_eigval = tuple(IMAGENET_PCA_EIGVAL)
+    c.pca_eigvec = tuple(tuple(row) for row in IMAGENET_PCA_EIGVEC)
     # Normalisation on the 0..255 scale: (x - mean_rgb) / std_rgb. The paper only subtracts the
     # training-set mean (std 1); ImageNet's mean RGB by default.
-    c.mean_rgb = list(IMAGENET_MEAN_RGB)
-    c.std_rgb = [1.0, 1.0, 1.0]
+    c.mean_rgb = tuple(IMAGENET_MEAN_RGB)
+    c.std_rgb = (1.0, 1.0, 1.0)
     # JSON written by `python -m vgg_jax.data.stats`; when set, its mean_rgb / pca_eigval /
     # pca_eigvec replace the three fields above.
     c.stats_path = ml_collections.FieldReference(None, field_type=str)
@@ -58,7 +60,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     # Dense view: images (shorter side Q) are padded to a canvas of long side ceil32(ratio * Q),
     # the smallest ratio here that holds them, one canvas per ratio and orientation; longer
     # images are centre-cropped to the largest ratio. Few ratios: few XLA shapes.
-    c.dense_aspect_buckets = [1.34, 1.5, 2.0]
+    c.dense_aspect_buckets = (1.34, 1.5, 2.0)
     # Keep the processed eval examples in host memory after the first pass (small eval sets that
     # are evaluated often); costs examples x view size of RAM.
     c.cache_eval = False
