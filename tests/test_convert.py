@@ -329,7 +329,7 @@ def test_preprocessing_presets():
     np.testing.assert_allclose(mean, [123.675, 116.28, 103.53])
     np.testing.assert_allclose(std, [58.395, 57.12, 57.375])
     mean, std = convert.data_normalization(convert.PREPROCESSING["caffe"])
-    assert mean == [123.68, 116.779, 103.939] and std == [1.0, 1.0, 1.0]
+    assert mean == (123.68, 116.779, 103.939) and std == (1.0, 1.0, 1.0)
     bgr = {"channel_order": "BGR", "input_scale": 255.0, "mean": [103.939, 116.779, 123.68], "std": [1.0, 1.0, 1.0]}
     x = np.random.default_rng(0).uniform(0, 255, (1, 2, 2, 3)).astype(np.float32)
     np.testing.assert_allclose(convert.normalize(x, bgr)[..., ::-1], convert.normalize(x, convert.PREPROCESSING["caffe"]),

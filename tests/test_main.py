@@ -15,28 +15,10 @@ import numpy as np
 import pytest
 
 from vgg_jax import checkpoints
+from tiny_runs import TINY
 
 REPO = Path(__file__).resolve().parents[1]
 KILL_DURING_SAVE = Path(__file__).with_name("slow_save_main.py")
-
-# A tiny but complete run: the real demo data through the paper's transform at reduced sizes.
-TINY = [
-    "--config=configs/demo.py",
-    "--config.model.width=4",
-    "--config.model.fc_width=16",
-    "--config.data.crop_size=32",
-    "--config.data.scale_min=36",
-    "--config.data.scale_max=64",
-    "--config.data.eval_scales=(36,)",
-    "--config.data.eval_split=validation[:40]",
-    "--config.data.shuffle_buffer=256",
-    "--config.global_batch_size=8",
-    "--config.eval_batch_size=16",
-    "--config.optimizer.schedule=constant",
-    "--config.optimizer.learning_rate=0.02",
-    "--config.log_every_steps=2",
-]
-
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> str:

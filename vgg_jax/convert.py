@@ -416,9 +416,10 @@ def load_checkpoint(path: str | Path) -> tuple[VGG, dict[str, Any], dict[str, An
     """``(model, variables, meta)`` of a converted checkpoint or a training run (workdir or step dir)."""
     meta = checkpoints.read_meta(path)
     variables = checkpoints.restore_variables(path)
-    m, d = meta["config"]["model"], meta["config"]["data"]
-    model = models.get_model(m["name"], num_classes=int(variables["params"]["fc8"]["kernel"].shape[-1]),
-                             width=m["width"], fc_width=m["fc_width"], crop_size=d["crop_size"])
+    model = models.from_config(
+        meta["config"]["model"], num_classes=int(variables["params"]["fc8"]["kernel"].shape[-1]),
+        crop_size=meta["config"]["data"]["crop_size"],
+    )
     return model, variables, meta
 
 

@@ -215,6 +215,13 @@ def get_model(name: str, *, num_classes: int = 1000, **overrides: Any) -> VGG:
     return MODELS[canonical_name(name)](num_classes=num_classes, **overrides)
 
 
+def from_config(model_cfg: Mapping[str, Any], *, num_classes: int, crop_size: int) -> VGG:
+    """The model a config's ``model`` section describes: its ``name`` and whichever ``VGG`` options it
+    sets (a training run's config sets them all, a converted checkpoint's only its sizes)."""
+    options = {k: v for k, v in model_cfg.items() if k in OPTIONS and k not in ("num_classes", "crop_size")}
+    return get_model(model_cfg["name"], num_classes=num_classes, crop_size=crop_size, **options)
+
+
 def init_variables(model: VGG, rng: jax.Array, batch_size: int = 1) -> dict[str, Any]:
     """Initialises ``params`` (and ``batch_stats`` for BN models) on a crop-size input."""
     x = jnp.zeros((batch_size, model.crop_size, model.crop_size, 3), jnp.float32)

@@ -21,15 +21,6 @@ from vgg_jax import checkpoints, data, evaluate, models, optim, sharding
 from vgg_jax.train_step import TrainState, create_train_state, jit_train_step
 
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int) -> models.VGG:
-    """The model a config describes (its crop size is the data's)."""
-    m = config.model
-    return models.get_model(
-        m.name, num_classes=num_classes, width=m.width, fc_width=m.fc_width, crop_size=config.data.crop_size,
-        dropout_rate=m.dropout_rate, dtype=m.dtype, init_scheme=m.init_scheme, init_std=m.init_std,
-    )
-
-
 class PreemptionFlag:
     """SIGTERM sets the flag (one process); with several processes JAX's preemption sync is used."""
 
@@ -106,7 +97,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             f"{config.grad_accum_steps} x {mesh.shape[sharding.DATA]} data-parallel devices."
         )
     class_names = data.class_names(config.data)
-    model = build_model(config, len(class_names))
+    model = models.from_config(config.model, num_classes=len(class_names), crop_size=config.data.crop_size)
     tx = optim.make_optimizer(config.optimizer, config.num_train_steps)
     plateau = optim.Plateau(
         factor=config.optimizer.decay_factor, patience=config.optimizer.patience,

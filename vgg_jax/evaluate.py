@@ -1,0 +1,535 @@
+"""The paper's test-time protocols (Sect. 3.2, 4) over a whole evaluation split, and their CLI.
+
+``python -m vgg_jax.evaluate --workdir=DIR --protocol=dense --scales=256,384,512`` (docs/evaluation.md).
+
+Methods, each turning a batch into soft-max posteriors per image:
+- ``center``: the centre crop at shorter side Q (the cheap check used during training);
+- ``dense``: the whole image at shorter side Q through the fully convolutional net; the class score
+  map is averaged over the positions whose fc6 window lies inside the image, and the soft-max
+  posteriors of the image and its horizontal flip are averaged;
+- ``multicrop``: the 5x5 grid of crops and their flips (50 views per scale), posteriors averaged.
+
+A protocol is one method or several joined by ``+`` (``dense+multicrop``). Every (model, method,
+scale) pass yields per-image posteriors keyed by the image's index in the split; posteriors are
+then averaged over scales, over methods and over the models of an ensemble (the paper's Tables 3-5
+and its ILSVRC submission). Padding rows of the last batches (``valid`` False) are never counted,
+and the totals over processes are checked against the split size, so every validation image
+counts exactly once whatever the batch size and process count.
+
+Dense evaluation batches images of one canvas size, each at the top-left of the canvas. The
+input of every convolution is zeroed outside the image's region at that layer's resolution, which
+is exactly the zero padding the network would see on the image alone: a padded image gets the
+same score map as when evaluated by itself (tests/test_evaluate.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+
+from vgg_jax import data, sharding
+from vgg_jax.load import load
+
+METHODS = ("center", "dense", "multicrop")
+STRIDE = 32  # five 2x2 max-pools: the score map's step in input pixels
+_FIELDS = {"center": ("image",), "multicrop": ("image",), "dense": ("image", "height", "width")}
+
+ApplyFn = Callable[..., jax.Array]
+
+
+# ----------------------------------------------------------------------------------------------
+# Posteriors of one batch (pure functions of device arrays)
+
+
+def center_posteriors(apply_fn: ApplyFn, variables: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
+    """Single centre crop: soft-max of the logits. ``batch['image']``: [b, crop, crop, 3]."""
+    return jax.nn.softmax(apply_fn(variables, batch["image"], train=False))
+
+
+def multicrop_posteriors(apply_fn: ApplyFn, variables: Any, batch: Mapping[str, jax.Array]) -> jax.Array:
+    """Mean soft-max over the views of each image. ``batch['image']``: [b, views, crop, crop, 3].
+
+    The views are scanned: each step classifies one view of every image of the batch, so the
+    device works on the whole (sharded) batch at a time with the memory of a single-crop batch.
+    """
+    views = jnp.moveaxis(batch["image"], 1, 0)  # [views, b, crop, crop, 3]; the batch stays sharded
+
+    def add(total: jax.Array, crops: jax.Array) -> tuple[jax.Array, None]:
+        return total + jax.nn.softmax(apply_fn(variables, crops, train=False)), None
+
+    first = jax.nn.softmax(apply_fn(variables, views[0], train=False))
+    total, _ = jax.lax.scan(add, first, views[1:])
+    return total / views.shape[0]
+
+
+def dense_posteriors(
+    apply_fn: ApplyFn, variables: Any, batch: Mapping[str, jax.Array], flip: bool = True
+) -> jax.Array:
+    """Dense evaluation (paper Sect. 3.2) of images on a padded canvas.
+
+    ``batch``: 'image' [b, H, W, 3] with each image at the top-left, 'height' and 'width' [b] its
+    size (0 for padding rows). Soft-max of the score map averaged over the image's valid positions,
+    averaged with the same for the horizontally flipped image (``flip``).
+    """
+    image, height, width = batch["image"], batch["height"], batch["width"]
+    if flip:  # one pass over [b, 2] views: each image next to its mirror, on the same device
+        image = jnp.stack([image, flip_within(image, width)], axis=1).reshape(-1, *image.shape[1:])
+        height, width = jnp.repeat(height, 2), jnp.repeat(width, 2)
+    posteriors = jax.nn.softmax(dense_scores(apply_fn, variables, image, height, width))
+    return posteriors.reshape(batch["image"].shape[0], -1, posteriors.shape[-1]).mean(axis=1)
+
+
+def dense_scores(apply_fn: ApplyFn, variables: Any, image: jax.Array, height: jax.Array, width: jax.Array) -> jax.Array:
+    """Class scores [b, classes]: the score map of each image averaged over its valid positions."""
+    with nn.intercept_methods(_zero_outside(height, width, image.shape[1:3])):
+        scores = apply_fn(variables, image, train=False, dense=True)  # [b, h', w', classes]
+    rows = valid_positions(height, image.shape[1], scores.shape[1])
+    cols = valid_positions(width, image.shape[2], scores.shape[2])
+    mask = (jnp.arange(scores.shape[1])[None, :, None] < rows[:, None, None]) & (
+        jnp.arange(scores.shape[2])[None, None, :] < cols[:, None, None]
+    )
+    total = jnp.sum(jnp.where(mask[..., None], scores, 0.0), axis=(1, 2))
+    return total / jnp.maximum(rows * cols, 1)[:, None].astype(scores.dtype)
+
+
+def valid_positions(size: jax.Array, canvas: int, map_size: int) -> jax.Array:
+    """Score-map positions (along one axis) whose fc6 window lies inside an image of ``size`` pixels.
+
+    pool5 has ``size // 32`` rows of the image and ``canvas // 32`` of the canvas; fc6 (window w)
+    gives ``canvas // 32 - w + 1 = map_size`` positions on the canvas, ``size // 32 - w + 1`` on the image.
+    """
+    return jnp.maximum(map_size - canvas // STRIDE + size // STRIDE, 0)
+
+
+def flip_within(image: jax.Array, width: jax.Array) -> jax.Array:
+    """Mirrors columns [0, width) of each image of a top-left-aligned canvas; the padding stays."""
+    cols = jnp.arange(image.shape[2])[None, :]
+    source = jnp.where(cols < width[:, None], width[:, None] - 1 - cols, cols)  # [b, W]
+    return jnp.take_along_axis(image, source[:, None, :, None], axis=2)
+
+
+def _zero_outside(height: jax.Array, width: jax.Array, canvas: tuple[int, int]):
+    """A flax method interceptor that zeroes every convolution's input outside the image region.
+
+    At pooling level l (l max-pools applied) the image covers ``size >> l`` rows and columns, as
+    the floor of the 2x2 pools gives on the image alone. Max-pool outputs inside that region only
+    read image pixels; the partial row/column that follows would be read by the next convolution,
+    so the convolution inputs are where the mask goes.
+    """
+    levels = [(canvas[0] >> level, canvas[1] >> level) for level in range(6)]
+
+    def interceptor(next_fn, args, kwargs, context):
+        if isinstance(context.module, nn.Conv) and context.method_name == "__call__":
+            x = args[0]
+            if tuple(x.shape[1:3]) in levels:
+                level = levels.index(tuple(x.shape[1:3]))
+                inside = (jnp.arange(x.shape[1])[None, :, None] < (height >> level)[:, None, None]) & (
+                    jnp.arange(x.shape[2])[None, None, :] < (width >> level)[:, None, None]
+                )
+                args = (jnp.where(inside[..., None], x, jnp.zeros((), x.dtype)), *args[1:])
+        return next_fn(*args, **kwargs)
+
+    return interceptor
+
+
+POSTERIORS: dict[str, Callable[..., jax.Array]] = {
+    "center": center_posteriors,
+    "dense": dense_posteriors,
+    "multicrop": multicrop_posteriors,
+}
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "method"))
+def _posteriors_step(variables: Any, batch: Mapping[str, jax.Array], *, apply_fn: ApplyFn, method: str) -> jax.Array:
+    return POSTERIORS[method](apply_fn, variables, batch).astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Passes over the split
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+    """One model of an evaluation: its apply function, variables and data config (crop, mean, ...)."""
+
+    name: str
+    apply_fn: ApplyFn
+    variables: Any
+    data_cfg: ml_collections.ConfigDict
+
+
+@dataclasses.dataclass
+class Pass:
+    """This process's results of one (model, method, scale) pass, sorted by index in the split."""
+
+    member: str
+    method: str
+    scale: int
+    index: np.ndarray  # int [n]
+    label: np.ndarray  # int [n]
+    posteriors: np.ndarray  # float32 [n, classes]
+    skipped: int  # undecodable images of this process in the pass
+    split_size: int
+
+
+def parse_protocol(protocol: str) -> tuple[str, ...]:
+    """'dense+multicrop' -> ('dense', 'multicrop'); a clear error for unknown methods."""
+    methods = tuple(protocol.split("+"))
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or len(set(methods)) != len(methods):
+        raise ValueError(
+            f"Unknown or repeated evaluation method(s) in protocol {protocol!r}: use one of {', '.join(METHODS)} "
+            "or several joined by '+', e.g. 'dense+multicrop'."
+        )
+    return methods
+
+
+def paper_scales(data_cfg: ml_collections.ConfigDict) -> tuple[int, int, int]:
+    """The paper's test scales (Sect. 4.2): {S-32, S, S+32} for fixed S, {S_min, mid, S_max} if jittered."""
+    lo, hi = int(data_cfg.scale_min), int(data_cfg.scale_max)
+    if lo == hi:
+        return (max(lo - 32, int(data_cfg.crop_size)), lo, lo + 32)
+    return (lo, (lo + hi) // 2, hi)
+
+
+def on_mesh(variables: Any, mesh: jax.sharding.Mesh) -> Any:
+    """Variables as arrays on ``mesh``: those already there as they are, others replicated (every
+    process holds the same values, e.g. restored from one checkpoint)."""
+    devices = set(mesh.devices.flat)
+
+    def place(x: Any) -> jax.Array:
+        if isinstance(x, jax.Array) and x.sharding.device_set == devices:
+            return x
+        return jax.make_array_from_process_local_data(sharding.replicated(mesh), np.asarray(x))
+
+    return jax.tree_util.tree_map(place, variables)
+
+
+def _local_rows(array: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded global array (each row once), in global order."""
+    shards = sorted((s for s in array.addressable_shards if s.replica_id == 0), key=lambda s: s.index[0].start or 0)
+    return np.concatenate([np.asarray(s.data) for s in shards])
+
+
+def run_pass(member: Member, method: str, scale: int, mesh: jax.sharding.Mesh, batch_size: int) -> Pass:
+    """Posteriors of every valid image of this process at one scale with one method.
+
+    The host fetches a batch's results only after the next batch has been dispatched, so the
+    device never waits for the host.
+    """
+    batches = data.create_eval_iterator(member.data_cfg, view=method, scale=scale, global_batch_size=batch_size)
+    collected: list[tuple[np.ndarray, ...]] = []
+    pending = None
+
+    def fetch(outputs: tuple[jax.Array, ...]) -> None:
+        posteriors, index, label, valid = (_local_rows(a) for a in outputs)
+        collected.append((index[valid], label[valid], posteriors[valid]))
+
+    for batch in batches:
+        arrays = sharding.to_global({k: batch[k] for k in (*_FIELDS[method], "index", "label", "valid")}, mesh)
+        inputs = {k: arrays[k] for k in _FIELDS[method]}
+        posteriors = _posteriors_step(member.variables, inputs, apply_fn=member.apply_fn, method=method)
+        if pending is not None:
+            fetch(pending)
+        pending = (posteriors, arrays["index"], arrays["label"], arrays["valid"])
+    if pending is not None:
+        fetch(pending)
+    if not collected:
+        raise ValueError(f"The evaluation split {member.data_cfg.eval_split!r} is empty: choose another --split.")
+    index, label, posteriors = (np.concatenate(parts) for parts in zip(*collected))
+    order = np.argsort(index, kind="stable")
+    index, label, posteriors = index[order], label[order], posteriors[order]
+    twice = index[1:][index[1:] == index[:-1]]
+    if len(twice):
+        raise RuntimeError(f"{method} at Q={scale}: image {twice[0]} of the split came back twice in one pass.")
+    return Pass(member.name, method, scale, index, label, posteriors, len(batches.skipped), batches.num_examples)
+
+
+# ----------------------------------------------------------------------------------------------
+# Combining passes: scales, methods, models
+
+
+@dataclasses.dataclass
+class Row:
+    """One line of the results table: the average posteriors of a group of passes."""
+
+    key: str  # result-key template, e.g. 'dense/{}@256'; '{}' is top1_error or top5_error
+    member: str
+    method: str
+    scales: tuple[int, ...]
+    top1_error: float
+    top5_error: float
+    images: int
+
+
+@dataclasses.dataclass
+class Report:
+    """All rows, the flat result dict and a markdown table in the paper's format."""
+
+    rows: list[Row]
+    results: dict[str, float]
+    train_scales: dict[str, str]  # per model name: its training scale S, for the table
+
+    def markdown(self) -> str:
+        lines = [
+            "| ConvNet | train (S) | test (Q) | method | top-1 val. error (%) | top-5 val. error (%) | images |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in self.rows:
+            lines.append(
+                f"| {r.member} | {self.train_scales.get(r.member, '')} | {','.join(map(str, r.scales))} | {r.method} | "
+                f"{r.top1_error:.2f} | {r.top5_error:.2f} | {r.images} |"
+            )
+        return "\n".join(lines)
+
+
+def _groups(passes: list[Pass], members: list[str], methods: tuple[str, ...], scales: tuple[int, ...]):
+    """(key stem, member, method, scales, passes) for every table row, the final combination last.
+
+    Rows: each pass; per member and method over all scales; per member over all methods; the
+    ensemble of all members. Keys omit what has one value only (the model when one model, the
+    method when one method), so a single-model single-method run has ``top1_error@Q`` per scale
+    and ``top1_error`` for the multi-scale result (``combine`` adds it for a single scale too).
+    """
+    ensemble = len(members) > 1
+    several = len(methods) > 1
+    protocol = "+".join(methods)
+
+    def stem(member: str | None, method: str | None, scale: int | None) -> str:
+        parts = [p for p in (member if ensemble else None, method if several else None) if p]
+        return "".join(f"{p}/" for p in parts) + "{}" + (f"@{scale}" if scale is not None else "")
+
+    groups = []
+    for member in members:
+        for method in methods:
+            mine = [p for p in passes if p.member == member and p.method == method]
+            for p in mine:
+                groups.append((stem(member, method, p.scale), member, method, (p.scale,), [p]))
+            if len(scales) > 1:
+                groups.append((stem(member, method, None), member, method, scales, mine))
+        if several:
+            everything = [p for p in passes if p.member == member]
+            groups.append((stem(member, None, None), member, protocol, scales, everything))
+    if ensemble:
+        groups.append(("{}", "ensemble of " + ", ".join(members), protocol, scales, passes))
+    return groups
+
+
+def _topk_correct(posteriors: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    top = np.argsort(-posteriors, axis=1, kind="stable")[:, :k]
+    return (top == labels[:, None]).any(axis=1)
+
+
+def combine(
+    passes: list[Pass], members: list[str], methods: tuple[str, ...], scales: tuple[int, ...]
+) -> tuple[list[Row], dict[str, float]]:
+    """Rows and results from the passes of every process (the counts are summed over processes)."""
+    reference = passes[0]
+    for p in passes[1:]:
+        if not np.array_equal(p.index, reference.index):
+            raise RuntimeError(
+                f"{p.member} {p.method}@{p.scale} evaluated other images than {reference.member} "
+                f"{reference.method}@{reference.scale} ({len(p.index)} vs {len(reference.index)}): the passes "
+                "cannot be averaged per image. Were some images unreadable in one view only?"
+            )
+        if not np.array_equal(p.label, reference.label):
+            raise RuntimeError(f"{p.member} and {reference.member} disagree on labels: not the same evaluation split.")
+    groups = _groups(passes, members, methods, scales)
+    counts = np.zeros((len(groups) + len(passes), 3), np.int64)
+    k5 = min(5, reference.posteriors.shape[1])
+    for i, (_, _, _, _, group) in enumerate(groups):
+        mean = sum(p.posteriors.astype(np.float64) for p in group) / len(group)
+        counts[i] = (_topk_correct(mean, reference.label, 1).sum(), _topk_correct(mean, reference.label, k5).sum(),
+                     len(reference.index))
+    for j, p in enumerate(passes):  # per pass: images counted and skipped, for the exactly-once check
+        counts[len(groups) + j] = (len(p.index), p.skipped, p.split_size)
+    if jax.process_count() > 1:
+        counts = multihost_utils.process_allgather(counts).reshape(jax.process_count(), *counts.shape).sum(0)
+        counts[len(groups):, 2] //= jax.process_count()  # the split size is the same number everywhere
+    for p, (counted, skipped, size) in zip(passes, counts[len(groups):]):
+        if counted + skipped != size:
+            raise RuntimeError(
+                f"{p.member} {p.method}@{p.scale}: {counted} images evaluated + {skipped} unreadable != the "
+                f"split's {size}: an image was dropped or counted twice."
+            )
+    rows, results = [], {}
+    for (key, member, method, group_scales, _), (top1, top5, images) in zip(groups, counts[: len(groups)]):
+        n = max(int(images), 1)
+        row = Row(key, member, method, tuple(group_scales), round(100.0 * (1 - top1 / n), 6),
+                  round(100.0 * (1 - top5 / n), 6), int(images))
+        rows.append(row)
+        results[key.format("top1_error")] = row.top1_error
+        results[key.format("top5_error")] = row.top5_error
+    results.setdefault("top1_error", rows[-1].top1_error)  # one model, method and scale: that pass
+    results.setdefault("top5_error", rows[-1].top5_error)
+    results["images"] = rows[-1].images
+    return rows, results
+
+
+def evaluate_members(
+    members: Sequence[Member],
+    mesh: jax.sharding.Mesh,
+    *,
+    protocol: str = "center",
+    scales: Iterable[int] | None = None,
+    batch_size: int = 64,
+) -> Report:
+    """Evaluates one model or an ensemble with a protocol at the given test scales."""
+    if not members:
+        raise ValueError("Nothing to evaluate: pass at least one model.")
+    names = [m.name for m in members]
+    if len(set(names)) != len(names):
+        raise ValueError(f"Model names must be unique in an ensemble, got {names}.")
+    methods = parse_protocol(protocol)
+    scales = tuple(int(s) for s in (scales or members[0].data_cfg.eval_scales))
+    if not scales:
+        raise ValueError("No test scales: pass scales=... or set data.eval_scales.")
+    members = [dataclasses.replace(m, variables=on_mesh(m.variables, mesh)) for m in members]
+    passes = [run_pass(m, method, q, mesh, batch_size) for m in members for method in methods for q in scales]
+    rows, results = combine(passes, names, methods, scales)
+    return Report(rows, results, {m.name: _train_scale(m.data_cfg) for m in members})
+
+
+def _train_scale(data_cfg: ml_collections.ConfigDict) -> str:
+    lo, hi = data_cfg.get("scale_min"), data_cfg.get("scale_max")
+    return str(lo) if lo == hi else f"[{lo};{hi}]"
+
+
+def evaluate(
+    apply_fn: ApplyFn,
+    variables: Any,
+    data_cfg: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+    *,
+    protocol: str = "center",
+    scales: Iterable[int] | None = None,
+    batch_size: int = 64,
+) -> dict[str, float]:
+    """Top-1/top-5 error (%) of one model: ``top1_error@Q`` per test scale, ``top1_error`` over all
+    (and per method with ``/``-prefixed keys for combined protocols), and ``images``."""
+    member = Member("model", apply_fn, variables, data_cfg)
+    return evaluate_members([member], mesh, protocol=protocol, scales=scales, batch_size=batch_size).results
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m vgg_jax.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", action="append", default=[], help="a training workdir (repeat for an ensemble)")
+    p.add_argument("--checkpoint", action="append", default=[],
+                   help="a checkpoints dir, a step dir or converted weights (repeat for an ensemble)")
+    p.add_argument("--protocol", default="dense", help="center, dense, multicrop or several joined by '+'")
+    p.add_argument("--scales", default=None,
+                   help="comma-separated test scales Q, or 'paper' ({S-32,S,S+32} or {S_min,mid,S_max}); "
+                        "default: the first model's data.eval_scales")
+    p.add_argument("--batch_size", type=int, default=64,
+                   help="images per global batch (a multiple of the process count)")
+    p.add_argument("--split", default=None, help="evaluation split (default: the training config's data.eval_split)")
+    p.add_argument("--dataset", default=None, help="dataset name (default: the training config's)")
+    p.add_argument("--data_dir", default=None, help="TFDS data_dir (default: the training config's)")
+    p.add_argument("--manual_dir", default=None, help="imagenet2012: folder with the ILSVRC2012 tars")
+    p.add_argument("--folder", default=None, help="dataset 'folder': the image folder root")
+    p.add_argument("--out", default=None,
+                   help="directory for the JSON and markdown results (default: <workdir>/eval)")
+    p.add_argument("--coordinator_address", default="", help="jax.distributed: host:port of process 0")
+    p.add_argument("--num_processes", type=int, default=0)
+    p.add_argument("--process_id", type=int, default=-1)
+    p.add_argument("--distributed", action="store_true",
+                   help="jax.distributed.initialize() with auto-detection (Cloud TPU pods, SLURM)")
+    args = p.parse_args(argv)
+    if not args.workdir + args.checkpoint:
+        p.error("give --workdir=DIR or --checkpoint=PATH (several for an ensemble)")
+    return args
+
+
+def _data_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    fields = dict(eval_split=args.split, dataset=args.dataset, data_dir=args.data_dir, manual_dir=args.manual_dir,
+                  folder=args.folder)
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+_LOCATION = ("dataset", "data_dir", "manual_dir", "folder", "download", "eval_split")
+
+
+def members_from_paths(paths: Sequence[str], overrides: Mapping[str, Any]) -> list[Member]:
+    """Loads each checkpoint; all read the first one's dataset and split (plus ``overrides``)."""
+    loaded = [load(path) for path in paths]
+    location = {k: loaded[0].config.data[k] for k in _LOCATION} | dict(overrides)
+    members = []
+    for i, model in enumerate(loaded):
+        data_cfg = ml_collections.ConfigDict(model.config.data.to_dict())
+        data_cfg.update(location)
+        if model.class_names != loaded[0].class_names:
+            raise ValueError(f"{paths[i]} predicts other classes than {paths[0]}: an ensemble needs the same classes.")
+        name = f"{model.config.model.name}#{i}" if len(paths) > 1 else model.config.model.name
+        members.append(Member(name, model.apply_fn, model.variables, data_cfg))
+    return members
+
+
+def parse_scales(text: str | None) -> tuple[int, ...] | None:
+    """'256,384,512' -> (256, 384, 512); None stays None (the config's scales)."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(q) for q in text.split(","))
+    except ValueError:
+        raise ValueError(f"--scales={text!r}: give comma-separated integers (e.g. 256,384,512) or 'paper'.") from None
+
+
+def default_out(path: str) -> str:
+    """``<workdir>/eval`` for a workdir, checkpoints dir or step dir; ``<path>/eval`` otherwise."""
+    path = os.path.abspath(path)
+    if os.path.basename(os.path.dirname(path)) == "checkpoints" and os.path.basename(path).isdigit():
+        return os.path.join(os.path.dirname(os.path.dirname(path)), "eval")
+    if os.path.basename(path) == "checkpoints":
+        return os.path.join(os.path.dirname(path), "eval")
+    return os.path.join(path, "eval")
+
+
+def main(argv: Sequence[str] | None = None) -> Report:
+    args = parse_args(argv)
+    parse_protocol(args.protocol)  # fail before loading anything
+    if args.coordinator_address or args.distributed:
+        from vgg_jax.main import initialize_distributed
+
+        initialize_distributed(ml_collections.ConfigDict(dict(
+            enabled=True, coordinator_address=args.coordinator_address, num_processes=args.num_processes,
+            process_id=args.process_id)))
+    paths = args.workdir + args.checkpoint
+    members = members_from_paths(paths, _data_overrides(args))
+    scales = paper_scales(members[0].data_cfg) if args.scales == "paper" else parse_scales(args.scales)
+    report = evaluate_members(members, sharding.make_mesh(), protocol=args.protocol, scales=scales,
+                              batch_size=args.batch_size)
+    if jax.process_index() == 0:
+        out = args.out or default_out(paths[0])
+        os.makedirs(out, exist_ok=True)
+        stem = os.path.join(out, f"{args.protocol}_{'-'.join(str(r) for r in report.rows[-1].scales)}")
+        record = dict(protocol=args.protocol, checkpoints=list(paths), split=members[0].data_cfg.eval_split,
+                      results=report.results, rows=[dataclasses.asdict(r) for r in report.rows])
+        with open(stem + ".json", "w") as f:
+            json.dump(record, f, indent=2)
+        with open(stem + ".md", "w") as f:
+            f.write(report.markdown() + "\n")
+        print(report.markdown())
+        print(json.dumps(report.results))
+        print(f"Wrote {stem}.json and {stem}.md", file=sys.stderr)
+    return report
+
+
+if __name__ == "__main__":
+    main()
