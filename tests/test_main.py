@@ -240,3 +240,15 @@ def test_rerunning_a_finished_run_keeps_its_results(uninterrupted, data_dir):
              "--config.eval_every_steps=6")
     assert (uninterrupted / "results.json").read_text() == before
     assert latest_step(uninterrupted) == 12
+
+
+def test_relative_workdir_as_in_the_readme(tmp_path, data_dir):
+    """The README's command passes a relative workdir; orbax itself only accepts absolute paths."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = str(REPO)  # the config files import `configs.default`
+    cmd = [sys.executable, "-m", "vgg_jax.main", "--workdir=runs/tiny", *TINY, f"--config.data.data_dir={data_dir}",
+           "--config.num_train_steps=2", "--config.checkpoint.every_steps=2", "--config.eval_every_steps=2"]
+    cmd[cmd.index("--config=configs/demo.py")] = f"--config={REPO / 'configs' / 'demo.py'}"
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "runs" / "tiny" / "checkpoints" / "2" / "state").is_dir()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import os
 from typing import Any
 
 import jax
@@ -59,6 +60,11 @@ class IteratorStateRestore(ocp.args.CheckpointArgs):
     pass
 
 
+def absolute(path: str | epath.Path) -> epath.Path:
+    """Orbax needs absolute paths: local relative paths are made absolute, URLs (gs://) are kept."""
+    return epath.Path(path if "://" in str(path) else os.path.abspath(path))
+
+
 def _leaves_by_path(tree: Any) -> dict[str, Any]:
     """Leaves by '/'-joined path (attribute and dict keys alike), parameters first."""
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -87,7 +93,7 @@ class Checkpointer:
     """A thin layer over ``ocp.CheckpointManager`` for the training loop."""
 
     def __init__(self, directory: str | epath.Path, *, keep: int = 3, keep_best: int = 1, async_save: bool = True):
-        self.directory = epath.Path(directory)
+        self.directory = absolute(directory)
         policy = policies.AnyPreservationPolicy(
             [
                 policies.LatestN(n=keep),
@@ -170,7 +176,7 @@ def save_variables(directory: str | epath.Path, variables: dict[str, Any], meta:
     Converted weights use this layout; ``restore_variables``, ``read_meta``, ``vgg_jax.load`` and
     ``--config.init_from`` all accept the directory.
     """
-    directory = epath.Path(directory)
+    directory = absolute(directory)
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(directory / STATE, {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})})
     checkpointer.wait_until_finished()
@@ -186,7 +192,7 @@ def read_meta(path: str | epath.Path) -> dict[str, Any]:
 
 def find_checkpoint(path: str | epath.Path) -> epath.Path:
     """Resolves a workdir, its ``checkpoints`` dir, or a step dir to the newest complete step dir."""
-    path = epath.Path(path)
+    path = absolute(path)
     if (path / STATE).exists():
         return path
     for root in (path / "checkpoints", path):

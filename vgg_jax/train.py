@@ -87,7 +87,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Trains per ``config``, evaluating and checkpointing into ``workdir``; returns the final summary."""
     if config.reset_head and not config.init_from:
         raise ValueError("reset_head=True replaces fc8 of the init_from run's parameters: set --config.init_from.")
-    workdir = epath.Path(workdir)
+    workdir = checkpoints.absolute(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = sharding.make_mesh(config.mesh.model)
     sharding.local_batch_size(config.global_batch_size, mesh)
