@@ -49,9 +49,16 @@ def final_params(workdir: Path) -> dict[str, np.ndarray]:
 
 
 def assert_params_equal(a: dict, b: dict) -> None:
+    """Equal up to float32 rounding of reductions.
+
+    Runs are bitwise equal on an idle machine; XLA:CPU may split parallel float reductions (e.g.
+    bias gradients) differently as threads get scheduled under load, which moves the last bit
+    (measured: at most 8.6e-7 relative after 12 steps). Any real divergence (a repeated or skipped
+    batch, a lost momentum or dropout key) changes parameters by orders of magnitude more.
+    """
     assert a.keys() == b.keys()
     for key in a:
-        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-8, err_msg=key)
 
 
 def latest_step(workdir: Path) -> int:
@@ -103,7 +110,7 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
 
 
 def test_sigkill_then_resume_reaches_the_same_parameters(uninterrupted, tmp_path, data_dir):
-    """SIGKILL (no chance to clean up) after half the steps; the restart resumes and matches bitwise."""
+    """SIGKILL (no chance to clean up) after half the steps; the restart resumes and matches."""
     cmd = main_command(tmp_path, data_dir, "--config.num_train_steps=12", "--config.checkpoint.every_steps=2",
                        "--config.eval_every_steps=6")
     proc = _start(cmd)
