@@ -3,6 +3,10 @@
 ``input``: per-core images/s of the training transform (``transforms.train_view``) through
 ``tf.data``, against a decode-only pass over the same ImageNet-like JPEGs (about 500x375,
 quality 90, 1/f-noise content with edges), with 1 and 2 map threads.
+
+``train``: the jitted train step on a synthetic batch: step time, images/s, MFU, peak memory,
+compile time, an optional profile; ``--compare_torch`` times the same network's PyTorch step in
+the same run, interleaved. ``memory``: XLA's memory plan of the step per remat policy and batch.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -192,6 +197,432 @@ def bench_eval(args: argparse.Namespace) -> None:
               f"{cpu_ms:.1f} | {ms / dense_ms:.1f}x, {cpu_ms / dense_cpu:.1f}x |")
 
 
+# -- train, memory: the training step --------------------------------------------------------------
+
+# Dense bf16 tensor-core peak per device (TFLOP/s, vendor datasheets), by device-kind substring.
+BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+_MARK = "@bench@"  # prefix of the worker's protocol lines on stdout
+
+
+def _train_model(args: argparse.Namespace):
+    from vgg_jax import models
+
+    return models.get_model(args.model, num_classes=args.num_classes, width=args.width, fc_width=args.fc_width,
+                            crop_size=args.image_size, dtype=args.dtype)
+
+
+def train_flops_per_image(model) -> float:
+    """Model FLOPs of training on one image: forward + backward = 3 forward passes, 2 FLOP per MAC."""
+    from vgg_jax import models
+
+    return 3 * 2 * models.forward_macs(model)
+
+
+def _optimizer_config():
+    """configs/default.py's SGD (momentum 0.9, L2 5e-4 on kernels) at a constant learning rate."""
+    import ml_collections
+
+    return ml_collections.ConfigDict(dict(
+        learning_rate=1e-2, momentum=0.9, nesterov=False, weight_decay=5e-4, decay_biases=False,
+        schedule="constant", decay_factor=0.1, step_boundaries=[], warmup_steps=0, trainable=".*"))
+
+
+def _pin_threads(threads: int | None) -> int:
+    """Restricts this process to its first ``threads`` CPUs (XLA sizes its pool by the affinity)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if threads:
+        if threads > len(cpus):
+            raise ValueError(f"--threads={threads} but only {len(cpus)} CPUs are available to this process.")
+        os.sched_setaffinity(0, cpus[:threads])
+    return threads or len(cpus)
+
+
+def _peak_memory() -> tuple[int, str]:
+    """The process's peak memory: the device allocator's peak where it reports one, else peak RSS."""
+    import resource
+
+    import jax
+
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"]), "device peak"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS"
+
+
+def measured_matmul_tflops(dtype: str, n: int = 2048, repeats: int = 5) -> float:
+    """Best TFLOP/s of an n x n x n matrix product under jit: the measured peak of a CPU."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(jnp.matmul)
+    f(a, a).block_until_ready()
+    best = min(_timed(lambda: f(a, a).block_until_ready())[0] for _ in range(repeats))
+    return 2 * n**3 / best / 1e12
+
+
+def _timed(fn: Callable[[], object]) -> tuple[float, float]:
+    """(wall, process CPU) seconds of ``fn()``."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def _abstract_train(args: argparse.Namespace, batch: int):
+    """(jitted train step, abstract state, abstract batch, model, optimizer) for ``batch`` images per device."""
+    import jax
+    import jax.numpy as jnp
+
+    from vgg_jax import optim, sharding
+    from vgg_jax.train_step import create_train_state, jit_train_step
+
+    model = _train_model(args)
+    mesh = sharding.make_mesh()
+    tx = optim.make_optimizer(_optimizer_config(), 1)
+    abstract = jax.eval_shape(lambda rng: create_train_state(model, tx, rng), jax.random.PRNGKey(0))
+    shardings = sharding.state_shardings(mesh, abstract)
+    state = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    n, size, data = batch * jax.device_count(), args.image_size, sharding.batch_sharding(mesh)
+    images = jax.ShapeDtypeStruct((n, size, size, 3), jnp.float32, sharding=data)
+    batch_spec = {"image": images, "label": jax.ShapeDtypeStruct((n,), jnp.int32, sharding=data)}
+    step = jit_train_step(shardings, data, args.accum_steps, args.remat)
+    return step, state, batch_spec, model, tx
+
+
+def _xla_memory(compiled) -> dict[str, int]:
+    """Per-device bytes of XLA's buffer assignment; ``peak`` = arguments + outputs - aliased + temporaries."""
+    m = compiled.memory_analysis()
+    sizes = {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
+             "aliased": m.alias_size_in_bytes, "temporaries": m.temp_size_in_bytes}
+    sizes["peak"] = sizes["arguments"] + sizes["outputs"] - sizes["aliased"] + sizes["temporaries"]
+    return sizes
+
+
+class JaxTrainStep:
+    """vgg_jax's train step (``jit_train_step``, data-parallel over every device) on a fixed batch.
+
+    The batch is random images and labels made on the device: the input pipeline is not timed.
+    """
+
+    def __init__(self, args: argparse.Namespace, batch: int):
+        import jax
+
+        from vgg_jax.train_step import create_train_state
+
+        step, state_spec, batch_spec, self.model, tx = _abstract_train(args, batch)
+        self.images = batch_spec["image"].shape[0]
+        shardings = jax.tree_util.tree_map(lambda s: s.sharding, state_spec)
+        data = batch_spec["image"].sharding
+        self.state = jax.jit(lambda rng: create_train_state(self.model, tx, rng), out_shardings=shardings)(
+            jax.random.PRNGKey(0))
+        make_batch = jax.jit(lambda key: {
+            "image": jax.random.normal(key, batch_spec["image"].shape),
+            "label": jax.random.randint(key, batch_spec["label"].shape, 0, self.model.num_classes),
+        }, out_shardings=data)
+        self.batch = make_batch(jax.random.PRNGKey(1))
+        start = time.perf_counter()
+        self.compiled = step.lower(self.state, self.batch).compile()
+        self.compile_s = time.perf_counter() - start
+        self.xla_memory = _xla_memory(self.compiled)
+        self.device = f"{jax.devices()[0].device_kind} x{jax.device_count()}"
+
+    def step(self) -> None:
+        import jax
+
+        self.state, self.metrics = self.compiled(self.state, self.batch)
+        jax.block_until_ready(self.state)
+
+    def loss(self) -> float:
+        return float(self.metrics.compute()["loss"])
+
+
+class TorchTrainStep:
+    """The same network and SGD step in PyTorch (channels-last float32): the CPU reference."""
+
+    def __init__(self, args: argparse.Namespace, batch: int):
+        import torch
+
+        model = self.model = _train_model(args)
+        torch.manual_seed(0)
+        nn, layers, channels = torch.nn, [], 3
+        for block, kernel_sizes in enumerate(model.stages, start=1):
+            features = min(model.width * 2 ** (block - 1), 8 * model.width)
+            for k in kernel_sizes:
+                layers += [nn.Conv2d(channels, features, k, padding=k // 2), nn.ReLU(inplace=True)]
+                channels = features
+            layers.append(nn.MaxPool2d(2, 2))
+        layers.append(nn.Flatten())
+        for fan_in in (channels * model.fc6_window**2, model.fc_width):
+            layers += [nn.Linear(fan_in, model.fc_width), nn.ReLU(inplace=True), nn.Dropout(model.dropout_rate)]
+        layers.append(nn.Linear(model.fc_width, model.num_classes))
+        self.net = nn.Sequential(*layers).to(memory_format=torch.channels_last)
+        kernels = [p for p in self.net.parameters() if p.ndim > 1]
+        biases = [p for p in self.net.parameters() if p.ndim == 1]
+        self.opt = torch.optim.SGD([{"params": kernels, "weight_decay": 5e-4}, {"params": biases, "weight_decay": 0.0}],
+                                   lr=1e-2, momentum=0.9)
+        self.images = batch
+        self.x = torch.randn(batch, 3, args.image_size, args.image_size).contiguous(memory_format=torch.channels_last)
+        self.y = torch.randint(0, model.num_classes, (batch,))
+        self.compile_s = _timed(self.step)[0]  # the first step: allocations, oneDNN primitive creation
+        self.xla_memory, self.device = None, "PyTorch " + torch.__version__
+
+    def step(self) -> None:
+        import torch
+
+        self.opt.zero_grad(set_to_none=True)
+        self._loss = torch.nn.functional.cross_entropy(self.net(self.x), self.y)
+        self._loss.backward()
+        self.opt.step()
+
+    def loss(self) -> float:
+        return float(self._loss.detach())
+
+
+def _summarise_trace(trace_dir: str, hlo_text: str, steps: int, top: int = 15) -> None:
+    """Prints the ops that took the most time in a ``jax.profiler`` trace, per step, with their HLO.
+
+    Device planes (GPU/TPU) where there are any, else XLA:CPU's worker threads.
+    """
+    import glob
+    import re
+    from collections import Counter
+
+    import jax
+
+    files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
+    if not files:
+        print(f"no trace found under {trace_dir}")
+        return
+    profile = jax.profiler.ProfileData.from_file(files[-1])
+    planes = [p for p in profile.planes if p.name.startswith("/device:")]
+    if planes:  # GPU/TPU: the per-op line of each device
+        lines = [line for p in planes for line in p.lines if line.name == "XLA Ops"]
+    else:  # XLA:CPU: the thunks on its worker threads, without the executor's own spans
+        lines = [line for p in profile.planes if p.name.startswith("/host:CPU") for line in p.lines
+                 if "XLAEigen" in line.name]
+    totals: Counter = Counter()
+    for line in lines:
+        for event in line.events:
+            if not event.name.startswith(("ThunkExecutor", "SlinkyThreadPool")):
+                totals[event.name] += event.duration_ns
+    if not totals:
+        print(f"no op events found in {files[-1]}")
+        return
+    defs = {}
+    for hlo_line in hlo_text.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%(\S+) = (\S+) ([\w-]+)\(", hlo_line)
+        if m:
+            target = re.search(r'custom_call_target="([^"]+)"|kind=(k\w+)', hlo_line)
+            what = m.group(3) + (f" {target.group(1) or target.group(2)}" if target else "")
+            defs.setdefault(m.group(1), f"{what} -> {m.group(2)}")
+    busy = sum(totals.values())
+    print(f"profile {files[-1]}: {busy / 1e6 / steps:.1f} ms of op time per step "
+          f"({'device' if planes else 'XLA:CPU threads, summed'}); top {top}:")
+    print("| op | ms/step | share | HLO |\n|---|---|---|---|")
+    for name, ns in totals.most_common(top):
+        print(f"| {name} | {ns / 1e6 / steps:.2f} | {ns / busy:.1%} | {defs.get(name, '')[:110]} |")
+
+
+def _profile(runner: JaxTrainStep, trace_dir: str, steps: int) -> None:
+    import jax
+
+    jax.profiler.start_trace(trace_dir)
+    for _ in range(steps):
+        runner.step()
+    jax.profiler.stop_trace()
+    _summarise_trace(trace_dir, runner.compiled.as_text(), steps)
+
+
+def _peak_tflops(args: argparse.Namespace) -> tuple[float | None, str]:
+    """MFU's denominator: --peak_tflops, else the bf16 datasheet figure, else a measured CPU matmul."""
+    import jax
+
+    if args.peak_tflops:
+        return args.peak_tflops, "stated"
+    kind = jax.devices()[0].device_kind
+    if jax.default_backend() == "cpu":
+        return measured_matmul_tflops(args.dtype) * jax.device_count(), f"measured {args.dtype} matmul"
+    for name, peak in BF16_PEAK_TFLOPS.items():
+        if name in kind and args.dtype == "bfloat16":
+            return peak * jax.device_count(), "bf16 datasheet"
+    return None, f"unknown for {kind}: pass --peak_tflops"
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def bench_train(args: argparse.Namespace) -> None:
+    """Train-step time, images/s, MFU and peak memory; ``--compare_torch`` runs PyTorch beside it.
+
+    MFU counts the model's FLOPs (``3 x 2 x forward_macs`` per image; remat's recomputation is not
+    counted). Timed steps block on the new state; the median is reported.
+    """
+    if args.xla_flags:
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {args.xla_flags}".strip()
+    threads = _pin_threads(args.threads)
+    if args.worker:
+        return _serve(args, threads)
+    if args.compare_torch or args.compare_xla_flags is not None:
+        return _compare(args, threads)
+    import jax
+
+    peak, peak_source = _peak_tflops(args)
+    print(f"{args.model} {args.image_size}px {args.dtype} remat={args.remat} accum={args.accum_steps} on "
+          f"{jax.devices()[0].device_kind} x{jax.device_count()} ({threads} host threads), jax {jax.__version__}; "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; median of {args.steps} steps after {args.warmup}; "
+          f"peak {f'{peak:.3g} TFLOP/s' if peak else '?'} ({peak_source}); load {os.getloadavg()[0]:.1f}")
+    print("| batch | step ms (median) | min-max ms | img/s | TFLOP/s | MFU | peak memory | XLA estimate "
+          "| compile s | loss |\n|---|---|---|---|---|---|---|---|---|---|")
+    runner = None
+    for batch in sorted(args.batch):
+        runner = None  # free the previous state first
+        runner = JaxTrainStep(args, batch)
+        for _ in range(args.warmup):
+            runner.step()
+        times = [_timed(runner.step)[0] for _ in range(args.steps)]
+        median = float(np.median(times))
+        tflops = runner.images * train_flops_per_image(runner.model) / median / 1e12
+        mem, source = _peak_memory()
+        mfu = f"{tflops / peak:.1%}" if peak else "-"
+        print(f"| {runner.images} | {median * 1e3:.1f} | {min(times) * 1e3:.0f}-{max(times) * 1e3:.0f} | "
+              f"{runner.images / median:.1f} | {tflops:.2f} | {mfu} | {_gb(mem)} ({source}) | "
+              f"{_gb(runner.xla_memory['peak'])} | {runner.compile_s:.1f} | {runner.loss():.3f} |", flush=True)
+    if args.profile_dir and runner is not None:
+        _profile(runner, args.profile_dir, args.profile_steps)
+
+
+def _serve(args: argparse.Namespace, threads: int) -> None:
+    """Worker side of --compare_torch: build, then one timed step per 'step' line on stdin."""
+    import json
+
+    if args.worker == "torch":
+        import torch
+
+        torch.set_num_threads(threads)
+        runner = TorchTrainStep(args, args.batch[0])
+    else:
+        runner = JaxTrainStep(args, args.batch[0])
+    flops = runner.images * train_flops_per_image(runner.model)
+    peak = _peak_tflops(args) if args.worker == "jax" else (None, "")
+    print(_MARK, json.dumps({"compile_s": runner.compile_s, "device": runner.device, "flops": flops,
+                             "peak": peak, "xla_memory": runner.xla_memory}), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "step":
+            break
+        print(_MARK, *_timed(runner.step), flush=True)
+    print(_MARK, json.dumps({"peak_memory": _peak_memory()[0], "loss": runner.loss()}), flush=True)
+
+
+def _compare(args: argparse.Namespace, threads: int) -> None:
+    """Runs the JAX step (and variants) and the PyTorch step in worker processes, interleaved."""
+    import json
+    import subprocess
+
+    if len(args.batch) != 1:
+        raise ValueError("Side-by-side comparisons time one batch size: pass a single --batch.")
+    model = _train_model(args)
+    if args.compare_torch and (model.lrn or model.batch_norm or args.dtype != "float32" or args.remat != "none"
+                               or args.accum_steps != 1):
+        raise ValueError("The PyTorch reference is the plain float32 network (no LRN, batch norm, remat or "
+                         "accumulation): drop --compare_torch or those options.")
+    argv = ["train", "--model", args.model, "--batch", str(args.batch[0]), "--dtype", args.dtype,
+            "--image_size", str(args.image_size), "--width", str(args.width), "--fc_width", str(args.fc_width),
+            "--num_classes", str(args.num_classes), "--remat", args.remat, "--accum_steps", str(args.accum_steps),
+            "--threads", str(threads)] + (["--peak_tflops", str(args.peak_tflops)] if args.peak_tflops else [])
+    flags = os.environ.get("XLA_FLAGS", "")
+    variants = {"vgg_jax": ("jax", flags)}
+    if args.compare_xla_flags is not None:
+        variants[f"vgg_jax, XLA_FLAGS={args.compare_xla_flags!r}"] = ("jax", args.compare_xla_flags)
+    if args.compare_torch:
+        variants["PyTorch"] = ("torch", flags)
+
+    def ask(proc: subprocess.Popen, command: str | None = None) -> str:
+        if command:
+            proc.stdin.write(command + "\n")
+            proc.stdin.flush()
+        for line in proc.stdout:
+            if line.startswith(_MARK):
+                return line[len(_MARK):].strip()
+        raise RuntimeError(f"benchmark worker exited with code {proc.wait()}; its error is above.")
+
+    workers, info = {}, {}
+    for name, (framework, xla_flags) in variants.items():  # one at a time: compiles do not overlap
+        env = dict(os.environ, XLA_FLAGS=xla_flags)
+        workers[name] = subprocess.Popen([sys.executable, "-m", "vgg_jax.bench", *argv, "--worker", framework],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        info[name] = json.loads(ask(workers[name]))
+    times = {name: [] for name in workers}
+    load = os.getloadavg()[0]
+    for round_ in range(args.warmup + args.steps):  # A B C A B C ...: every framework sees the same load
+        for name, proc in workers.items():
+            wall, cpu = map(float, ask(proc, "step").split())
+            if round_ >= args.warmup:
+                times[name].append((wall, cpu))
+    for name, proc in workers.items():
+        info[name] |= json.loads(ask(proc, "quit"))
+        proc.wait()
+    peak, source = info["vgg_jax"]["peak"]
+    print(f"{args.model} {args.image_size}px {args.dtype}, batch {args.batch[0]}, {threads} threads each, on "
+          f"{info['vgg_jax']['device']}; {args.steps} interleaved rounds after {args.warmup}; load "
+          f"{load:.1f} before, {os.getloadavg()[0]:.1f} after; MFU vs {peak or 0:.3f} TFLOP/s ({source})")
+    print("| step | step ms (median) | min-max ms | CPU ms per step (median) | img/s | MFU | peak RSS | first step s "
+          "| loss |\n|---|---|---|---|---|---|---|---|---|")
+    medians = {name: np.median(results, axis=0) for name, results in times.items()}  # (wall, cpu)
+    for name, results in times.items():
+        (wall, cpu), i, walls = medians[name], info[name], [r[0] for r in results]
+        mfu = f"{i['flops'] / wall / 1e12 / peak:.1%}" if peak else "-"
+        print(f"| {name} | {wall * 1e3:.0f} | {min(walls) * 1e3:.0f}-{max(walls) * 1e3:.0f} | {cpu * 1e3:.0f} | "
+              f"{args.batch[0] / wall:.2f} | {mfu} | {_gb(i['peak_memory'])} | {i['compile_s']:.1f} | "
+              f"{i['loss']:.3f} |")
+    if args.compare_torch:
+        reference = times["PyTorch"]
+        for name in [n for n in times if n != "PyTorch"]:
+            per_round = np.median([a[0] / b[0] for a, b in zip(times[name], reference)])
+            wall, cpu = medians[name] / medians["PyTorch"]
+            print(f"{name} / PyTorch step time: {wall:.2f} (ratio of medians), {per_round:.2f} (median of "
+                  f"per-round ratios), {cpu:.2f} (CPU time)")
+
+
+def bench_memory(args: argparse.Namespace) -> None:
+    """XLA's memory plan of the train step per remat policy and batch (compiled, never run), and the
+    largest batch per device that fits ``--budget_gb``, from the per-image slope of the two largest."""
+    import jax
+
+    print(f"{args.model} {args.image_size}px {args.dtype}, per device on {jax.devices()[0].device_kind}; "
+          f"XLA buffer assignment (compile only); budget {args.budget_gb} GB")
+    print("| remat | batch | arguments | temporaries | peak | temporaries per image | compile s |\n"
+          "|---|---|---|---|---|---|---|")
+    fits = []
+    for remat in args.remat:
+        rows = []
+        for batch in sorted(args.batch):
+            step, state, batch_spec, _, _ = _abstract_train(argparse.Namespace(**{**vars(args), "remat": remat}), batch)
+            start = time.perf_counter()
+            mem = _xla_memory(step.lower(state, batch_spec).compile())
+            rows.append((batch, mem))
+            print(f"| {remat} | {batch} | {_gb(mem['arguments'])} | {_gb(mem['temporaries'])} | {_gb(mem['peak'])} | "
+                  f"{mem['temporaries'] / batch / 1e6:.1f} MB | {time.perf_counter() - start:.1f} |", flush=True)
+        if len(rows) >= 2:
+            (b0, m0), (b1, m1) = rows[-2], rows[-1]
+            slope = (m1["peak"] - m0["peak"]) / (b1 - b0)
+            fixed = m1["peak"] - slope * b1
+            fits.append(f"remat={remat}: {slope / 1e6:.1f} MB per image + {_gb(fixed)} fixed -> "
+                        f"batch {int((args.budget_gb * 1e9 - fixed) // slope)} per device in {args.budget_gb} GB")
+    print("\n".join(fits))
+
+
+def _add_train_arguments(p: argparse.ArgumentParser, batch: list[int]) -> None:
+    p.add_argument("--model", default="vgg16")
+    p.add_argument("--batch", type=int, nargs="+", default=batch, help="images per device (several: one row each)")
+    p.add_argument("--dtype", default="float32", help="computation dtype: float32 or bfloat16")
+    p.add_argument("--image_size", type=int, default=224, help="training crop side (the model's crop size)")
+    p.add_argument("--width", type=int, default=64, help="channels of block 1 (64: the paper's size)")
+    p.add_argument("--fc_width", type=int, default=4096)
+    p.add_argument("--num_classes", type=int, default=1000)
+    p.add_argument("--accum_steps", type=int, default=1, help="gradient-accumulation micro-batches per step")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m vgg_jax.bench", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -217,6 +648,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=16, help="images per call")
     p.add_argument("--repeats", type=int, default=3)
     p.set_defaults(run=bench_eval)
+    p = commands.add_parser("train", help="train-step time, img/s, MFU, peak memory; --compare_torch: vs PyTorch")
+    _add_train_arguments(p, batch=[8])
+    p.add_argument("--remat", default="none", choices=["none", "blocks", "full"])
+    p.add_argument("--steps", type=int, default=10, help="timed steps (rounds with --compare_torch)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--peak_tflops", type=float,
+                   help="MFU's denominator, all devices (default: bf16 datasheet on GPU, a measured matmul on CPU)")
+    p.add_argument("--threads", type=int, help="CPU threads of each framework (default: every available CPU)")
+    p.add_argument("--xla_flags", default="", help="appended to XLA_FLAGS")
+    p.add_argument("--compare_torch", action="store_true", help="also time PyTorch's step, interleaved; print ratios")
+    p.add_argument("--compare_xla_flags", help="also time vgg_jax's step under these XLA_FLAGS, interleaved")
+    p.add_argument("--profile_dir", help="trace --profile_steps more steps of the last batch here; print the top ops")
+    p.add_argument("--profile_steps", type=int, default=3)
+    p.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
+    p.set_defaults(run=bench_train)
+    p = commands.add_parser("memory", help="XLA's memory plan of the train step per remat policy and batch size")
+    _add_train_arguments(p, batch=[64, 128, 256])
+    p.add_argument("--remat", nargs="+", default=["none", "blocks", "full"], choices=["none", "blocks", "full"])
+    p.add_argument("--budget_gb", type=float, default=80.0, help="device memory to fit (80: one H100)")
+    p.set_defaults(run=bench_memory)
     args = parser.parse_args(argv)
     args.run(args)
 

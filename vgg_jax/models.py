@@ -73,6 +73,36 @@ def kernel_initializer(scheme: str, std: float) -> Callable[..., jax.Array]:
     raise ValueError(f"Unknown init scheme {scheme!r}: use 'paper', 'glorot' or 'he'.")
 
 
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """2x2 max pooling with stride 2 on NHWC, as ``nn.max_pool(x, (2, 2), strides=(2, 2))``.
+
+    Odd sides drop their last row/column (VALID). Written as a reshape and a max, whose gradient is
+    elementwise (tied maxima share it); XLA:CPU runs that far faster than the select-and-scatter
+    gradient of ``reduce_window`` (docs/performance.md).
+    """
+    n, h, w, c = x.shape
+    x = x[:, : h // 2 * 2, : w // 2 * 2]
+    return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+def fc_as_matmul(lhs: jax.Array, rhs: jax.Array, window_strides, padding, *args: Any, **kwargs: Any) -> jax.Array:
+    """``lax.conv_general_dilated`` for the FC layers (NHWC, HWIO, stride 1, VALID), as a matrix
+    product where the window is 1x1 (fc7, fc8) or covers the whole input (fc6 on a crop-size image).
+
+    Same values as the convolution; XLA:CPU runs these products several times faster than the
+    equivalent convolutions and their gradients (docs/performance.md). Other inputs (dense
+    evaluation of fc6 on a larger image) go to the convolution.
+    """
+    window, features = rhs.shape[:2], rhs.shape[-1]
+    precision = kwargs.get("precision")
+    if window == (1, 1):
+        return jnp.dot(lhs, rhs.reshape(-1, features), precision=precision)
+    if lhs.shape[1:3] == window:
+        y = jnp.dot(lhs.reshape(lhs.shape[0], -1), rhs.reshape(-1, features), precision=precision)
+        return y.reshape(lhs.shape[0], 1, 1, features)
+    return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, *args, **kwargs)
+
+
 class VGG(nn.Module):
     """A VGG network (paper Table 1).
 
@@ -159,17 +189,18 @@ class VGG(nn.Module):
                 x = self._tap(f"relu{name}", nn.relu(x))
                 if self.lrn and block == 1 and i == 1:
                     x = self._tap("lrn1", local_response_norm(x))
-            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+            x = max_pool_2x2(x)
             x = self._tap(f"pool{block}", checkpoint_name(x, f"pool{block}"))
 
         # Fully connected layers as convolutions (paper Sect. 3.2, dense evaluation).
-        x = self._tap("fc6", layer(self.fc_width, (window, window), padding="VALID", name="fc6")(x))
+        fc = functools.partial(layer, padding="VALID", conv_general_dilated=fc_as_matmul)
+        x = self._tap("fc6", fc(self.fc_width, (window, window), name="fc6")(x))
         x = self._tap("relu6", nn.relu(x))
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        x = self._tap("fc7", layer(self.fc_width, (1, 1), name="fc7")(x))
+        x = self._tap("fc7", fc(self.fc_width, (1, 1), name="fc7")(x))
         x = self._tap("relu7", nn.relu(x))
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        x = layer(self.num_classes, (1, 1), name="fc8")(x).astype(jnp.float32)
+        x = fc(self.num_classes, (1, 1), name="fc8")(x).astype(jnp.float32)
         if not dense:
             x = x.reshape(x.shape[0], self.num_classes)
         return self._tap("fc8", x)

@@ -2,6 +2,7 @@
 
 # No `from __future__ import annotations`: clu metric Collections read their annotations.
 import functools
+import os
 from typing import Any
 
 import flax
@@ -123,6 +124,22 @@ def train_step(
     return new_state, step_metrics
 
 
+# XLA:CPU gives convolutions to YNNPACK by default, whose kernel-gradient convolutions (a window
+# the size of the image) run several times slower than Eigen's; on CPU the step keeps YNNPACK for
+# dots and reductions only (docs/performance.md). A setting in XLA_FLAGS wins.
+CPU_COMPILER_OPTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE",
+}
+
+
+def compiler_options() -> dict[str, str] | None:
+    """XLA options for the train step on the default backend (``CPU_COMPILER_OPTIONS`` on CPU)."""
+    if jax.default_backend() != "cpu":
+        return None
+    flags = os.environ.get("XLA_FLAGS", "")
+    return {k: v for k, v in CPU_COMPILER_OPTIONS.items() if k not in flags} or None
+
+
 def jit_train_step(state_shardings: Any, batch_sharding: Any, accum_steps: int = 1, remat: str = "none"):
     """``train_step`` under jit: state and batch placed by the given shardings, state donated."""
     return jax.jit(
@@ -130,4 +147,5 @@ def jit_train_step(state_shardings: Any, batch_sharding: Any, accum_steps: int =
         in_shardings=(state_shardings, batch_sharding),
         out_shardings=(state_shardings, None),
         donate_argnums=0,
+        compiler_options=compiler_options(),
     )
