@@ -7,25 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 from PIL import Image
-
-from vgg_jax import checkpoints, convert, models
+from tiny_runs import save_random_converted
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_style_transfer_script_lowers_the_loss(tmp_path):
     # A reduced-width VGG-19 with He-scaled random weights, saved as a converted checkpoint.
-    model = models.get_model("vgg19", num_classes=5, width=4, fc_width=8, crop_size=32)
-    rng = np.random.default_rng(0)
-    params = jax.tree_util.tree_map(
-        lambda s: rng.normal(size=s.shape, scale=np.sqrt(2 / np.prod(s.shape[:-1])) if len(s.shape) == 4 else 0.05)
-        .astype(np.float32),
-        models.variable_shapes(model)["params"])
-    checkpoints.save_variables(tmp_path / "vgg19", {"params": params},
-                               convert.checkpoint_meta("vgg19", model, "torchvision", None))
+    save_random_converted(tmp_path / "vgg19", "vgg19", num_classes=5, width=4, fc_width=8, crop_size=32)
     for name, seed in (("content.png", 1), ("style.png", 2)):
         pixels = np.random.default_rng(seed).integers(0, 256, (40, 48, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(tmp_path / name)

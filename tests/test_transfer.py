@@ -9,12 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
+from tiny_runs import save_random_converted
 
-from vgg_jax import checkpoints, convert, models
+from vgg_jax import checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # configs/ is imported as a package
@@ -27,14 +27,8 @@ CLASSES = ("cat", "dog", "emu")
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory) -> tuple[Path, dict]:
     """A reduced-width vgg11 "pretrained" on 5 classes, saved like a torchvision conversion."""
-    model = models.get_model("vgg11", num_classes=5, width=4, fc_width=16, crop_size=32)
-    rng = np.random.default_rng(0)
-    params = jax.tree_util.tree_map(
-        lambda s: rng.normal(size=s.shape, scale=np.sqrt(2 / np.prod(s.shape[:-1])) if len(s.shape) == 4 else 0.05)
-        .astype(np.float32),
-        models.variable_shapes(model)["params"])
     path = tmp_path_factory.mktemp("pretrained") / "vgg11_tv"
-    checkpoints.save_variables(path, {"params": params}, convert.checkpoint_meta("vgg11", model, "torchvision", None))
+    _, params = save_random_converted(path, "vgg11", num_classes=5, width=4, fc_width=16, crop_size=32)
     return path, params
 
 
