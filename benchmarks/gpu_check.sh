@@ -24,6 +24,9 @@ exec > >(tee "$OUT/log.txt") 2>&1
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
 BATCHES=${BATCHES:-128 256 512}
+MEMORY_BATCHES=${MEMORY_BATCHES:-256 512}
+MODEL_ARGS=${MODEL_ARGS:---model vgg16 --image_size 224}
+PLATFORM=${PLATFORM:-gpu}  # PLATFORM=cpu with a tiny MODEL_ARGS: the test suite's dry run of this script
 
 if compgen -G ".whl/*.whl" > /dev/null; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -32,21 +35,21 @@ fi
 
 echo "== device ($(date -u +%FT%TZ))"
 command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-$PY - <<'EOF' || exit 1
-import importlib, sys
+PLATFORM=$PLATFORM $PY - <<'EOF' || exit 1
+import importlib, os, sys
 import jax
 print("python", sys.version.split()[0], "|", ", ".join(
     f"{m} {importlib.import_module(m).__version__}" for m in ("jax", "jaxlib", "flax", "optax", "numpy")))
 try:
-    print(jax.devices("gpu"))
+    print(jax.devices(os.environ["PLATFORM"]))
 except RuntimeError as e:
-    sys.exit(f"No GPU for jax ({e}). Install it: pip install 'jax[cuda12]==0.10.2' flax==0.12.8 optax==0.2.8 "
+    sys.exit(f"No {os.environ['PLATFORM']} for jax ({e}). Install it: pip install 'jax[cuda12]==0.10.2' flax==0.12.8 optax==0.2.8 "
              "ml-collections==1.1.0 clu==0.0.12")
 EOF
 
-echo "== VGG-16 bf16 training, batches per device: $BATCHES"
+echo "== bf16 training ($MODEL_ARGS), batches per device: $BATCHES"
 rm -rf /tmp/vgg_jax_trace
-timeout 270 $PY -m vgg_jax.bench train --model vgg16 --dtype bfloat16 --image_size 224 --batch $BATCHES \
+timeout 270 $PY -m vgg_jax.bench train $MODEL_ARGS --dtype bfloat16 --batch $BATCHES \
   --steps 10 --warmup 3 --profile_dir /tmp/vgg_jax_trace --profile_steps 3
 for f in $(find /tmp/vgg_jax_trace -name '*.xplane.pb' 2> /dev/null); do
   if [ "$(stat -c %s "$f")" -gt 15000000 ]; then gzip -c "$f" > "$OUT/vgg16_bf16.xplane.pb.gz"; else cp "$f" "$OUT/vgg16_bf16.xplane.pb"; fi
@@ -55,7 +58,7 @@ done
 if [ "$SECONDS" -lt 220 ]; then
   echo "== XLA memory plan per remat policy (compile only, autotuning off), after ${SECONDS}s"
   XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" timeout $((290 - SECONDS)) \
-    $PY -m vgg_jax.bench memory --model vgg16 --dtype bfloat16 --batch 256 512 --remat none blocks full --budget_gb 80
+    $PY -m vgg_jax.bench memory $MODEL_ARGS --dtype bfloat16 --batch $MEMORY_BATCHES --remat none convs blocks --budget_gb 80
 else
   echo "== skipped the memory plan: ${SECONDS}s used"
 fi

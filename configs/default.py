@@ -27,6 +27,11 @@ def get_config() -> ml_collections.ConfigDict:
     # glorot: Glorot & Bengio (2010) uniform, which the paper notes trains without pre-training; he.
     config.model.init_scheme = "paper"
     config.model.init_std = 0.01
+    # What the backward pass keeps of each conv block (jax.checkpoint per block; same numbers):
+    # none; convs (conv outputs, ReLU/BN/LRN recomputed: elementwise work); blocks (the pool
+    # outputs, each block's forward recomputed: one more forward pass). VGG-16 float32 on CPU:
+    # 72 MB per image with either, 122 without (docs/training.md).
+    config.model.remat = "none"
 
     # Input pipeline (vgg_jax/data/config.py documents every field). crop_size is the model's too.
     config.data = default_data_config()
@@ -36,10 +41,6 @@ def get_config() -> ml_collections.ConfigDict:
     # Micro-batches per step: the gradient of the global batch is accumulated over this many parts
     # when a device cannot hold its whole share.
     config.grad_accum_steps = 1
-    # Rematerialisation (jax.checkpoint) in the backward pass: none; blocks (keep only the pool
-    # outputs, recompute inside each block); full (keep nothing). Saves memory for about one extra
-    # forward pass.
-    config.remat = "none"
     config.num_train_steps = 370_000  # the paper stopped after 370K iterations (74 epochs)
 
     config.optimizer = ml_collections.ConfigDict()

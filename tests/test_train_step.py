@@ -15,11 +15,13 @@ import numpy as np
 import optax
 import pytest
 
-from vgg_jax import models, optim
+from vgg_jax import bench, models, optim, sharding
 from vgg_jax import train_step as train_step_lib
 from vgg_jax.train_step import create_train_state
 
-train_step = jax.jit(train_step_lib.train_step, static_argnames=("accum_steps", "remat"))
+# Compiled as the trainer compiles it (jit_train_step's XLA options), without its shardings.
+train_step = jax.jit(train_step_lib.train_step, static_argnames=("accum_steps",),
+                     compiler_options=train_step_lib.compiler_options())
 WORKER = Path(__file__).with_name("sharded_train_worker.py")
 
 
@@ -85,16 +87,67 @@ def test_gradient_accumulation_equals_the_full_batch():
     np.testing.assert_allclose(m_full.compute()["top1"], m_acc.compute()["top1"])
 
 
-def test_remat_gives_the_same_update():
-    state = tiny_state(dropout_rate=0.0)
+@pytest.mark.parametrize("name", ["vgg11_lrn", "vgg11_bn"])
+def test_remat_gives_the_same_update(name):
+    state = tiny_state(name, dropout_rate=0.0)
     b = batch()
     plain, _ = train_step(state, b)
-    for policy in ("blocks", "full"):
-        remat, _ = train_step(state, b, remat=policy)
-        for x, y in zip(jax.tree_util.tree_leaves(plain.params), jax.tree_util.tree_leaves(remat.params)):
+    for policy in ("convs", "blocks"):
+        remat, _ = train_step(tiny_state(name, dropout_rate=0.0, remat=policy), b)
+        for x, y in zip(jax.tree_util.tree_leaves((plain.params, plain.batch_stats)),
+                        jax.tree_util.tree_leaves((remat.params, remat.batch_stats))):
             np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
-    with pytest.raises(ValueError, match="Unknown remat"):
-        train_step(state, b, remat="some")
+    with pytest.raises(ValueError, match="Unknown remat 'some'"):
+        train_step(tiny_state(name, remat="some"), b)
+
+
+def _primitive_counts(fn, *args) -> dict[str, int]:
+    counts: dict[str, int] = {}
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            counts[eqn.primitive.name] = counts.get(eqn.primitive.name, 0) + 1
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return counts
+
+
+def test_remat_recomputes_what_its_policy_drops():
+    """VGG-11 has 8 convolutions: a gradient runs 3 per layer (forward, input and kernel gradients,
+    less conv1_1's input gradient); ``blocks`` runs each forward once more, ``convs`` only the ReLUs."""
+    base = models.get_model("vgg11", num_classes=5, width=4, fc_width=16, crop_size=32)
+    params = models.init_variables(base, jax.random.PRNGKey(0))["params"]
+    x = jnp.ones((2, 32, 32, 3))
+    counts = {
+        policy: _primitive_counts(jax.grad(lambda p, m=base.clone(remat=policy): m.apply({"params": p}, x).sum()), params)
+        for policy in ("none", "convs", "blocks")
+    }
+    assert [counts[p]["conv_general_dilated"] for p in ("none", "convs", "blocks")] == [23, 23, 31]
+    relus = counts["none"]["max"]  # the ReLUs of 8 convs and 2 FC layers
+    assert counts["convs"]["max"] == relus + 8 and counts["blocks"]["max"] == relus + 8
+
+
+def test_remat_saves_memory_in_the_compiled_step():
+    """XLA must neither merge the recomputation back into the forward pass (XLA:CPU's CSE does,
+    unless jit_train_step keeps the checkpoints' optimization barriers) nor keep what it drops."""
+    mesh = sharding.make_mesh()
+    images = jax.ShapeDtypeStruct((16, 64, 64, 3), jnp.float32)
+    batch_spec = {"image": images, "label": jax.ShapeDtypeStruct((16,), jnp.int32)}
+    temporaries, convolutions = {}, {}
+    for policy in ("none", "convs", "blocks"):
+        model = models.get_model("vgg16", num_classes=5, width=8, fc_width=16, crop_size=64, remat=policy)
+        tx = optim.make_optimizer(opt_config(), 10)
+        state = jax.eval_shape(lambda rng, m=model, t=tx: create_train_state(m, t, rng), jax.random.PRNGKey(0))
+        step = train_step_lib.jit_train_step(sharding.state_shardings(mesh, state), sharding.batch_sharding(mesh))
+        compiled = step.lower(state, batch_spec).compile()
+        temporaries[policy] = compiled.memory_analysis().temp_size_in_bytes
+        convolutions[policy] = bench.count_convolutions(compiled.as_text())
+    # VGG-16: 13 forward, 13 kernel-gradient and 12 input-gradient convolutions; blocks: 13 more.
+    assert convolutions == {"none": 38, "convs": 38, "blocks": 51}
+    assert temporaries["convs"] < 0.75 * temporaries["none"], temporaries
+    assert temporaries["blocks"] < 0.75 * temporaries["none"], temporaries
 
 
 def test_non_finite_loss_leaves_the_state_unchanged():

@@ -40,6 +40,14 @@ LRN_BIAS, LRN_SIZE, LRN_ALPHA, LRN_BETA = 2.0, 5, 1e-4, 0.75
 # (paper Sect. 3.1), by the names that exist in every deeper configuration.
 STAGED_INIT_LAYERS = ("conv1_1", "conv2_1", "conv3_1", "conv3_2", "fc6", "fc7", "fc8")
 
+# Rematerialisation of the convolutional blocks (``VGG.remat``): which of a block's activations the
+# backward pass keeps; the rest it recomputes from the block's input, inside that block's backward.
+REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
+    "none": None,  # no recomputation: conv and ReLU outputs (and BN, LRN) are all kept
+    "convs": jax.checkpoint_policies.save_only_these_names("conv_output"),  # ReLU/BN/LRN recomputed
+    "blocks": jax.checkpoint_policies.nothing_saveable,  # only the pool outputs kept
+}
+
 
 def local_response_norm(
     x: jax.Array,
@@ -119,6 +127,10 @@ class VGG(nn.Module):
       init_scheme: ``paper`` (normal, ``init_std``, zero biases), ``glorot`` or ``he``.
       init_std: standard deviation of the ``paper`` scheme. The paper says "10^-2 variance";
         Caffe-era code used std 0.01, which is the default here.
+      remat: what the backward pass keeps of each convolutional block (``REMAT_POLICIES``):
+        ``none``; ``convs``: the convolution outputs, ReLUs (and BN, LRN) recomputed, about half
+        the activation memory for elementwise work; ``blocks``: the block's input only, its
+        forward pass recomputed in its backward pass (one more forward pass in all). Same numbers.
     """
 
     stages: Stages
@@ -133,6 +145,7 @@ class VGG(nn.Module):
     param_dtype: Any = jnp.float32
     init_scheme: str = "paper"
     init_std: float = 0.01
+    remat: str = "none"
 
     @property
     def fc6_window(self) -> int:
@@ -146,6 +159,29 @@ class VGG(nn.Module):
         # One dict-valued variable: sowing under the layer name itself would clash with the submodule.
         self.sow("intermediates", "features", {name: x}, init_fn=dict, reduce_fn=lambda d, new: d | new)
         return x
+
+    def _layer(self, features: int, kernel_size: tuple[int, int], **kwargs: Any) -> nn.Conv:
+        return nn.Conv(
+            features, kernel_size, kernel_init=kernel_initializer(self.init_scheme, self.init_std),
+            bias_init=nn.initializers.zeros, dtype=self.dtype, param_dtype=self.param_dtype, **kwargs,
+        )
+
+    def _conv_block(self, x: jax.Array, block: int, train: bool) -> jax.Array:
+        """Block ``block`` (1-5): its convolutions (BN, LRN), ReLUs and the 2x2 max pool."""
+        features = min(self.width * 2 ** (block - 1), 8 * self.width)
+        for i, k in enumerate(self.stages[block - 1], start=1):
+            name = f"{block}_{i}"
+            x = self._layer(features, (k, k), padding="SAME", name=f"conv{name}")(x)
+            x = self._tap(f"conv{name}", checkpoint_name(x, "conv_output"))
+            if self.batch_norm:
+                x = nn.BatchNorm(
+                    use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                    dtype=self.dtype, param_dtype=self.param_dtype, name=f"bn{name}",
+                )(x)
+            x = self._tap(f"relu{name}", nn.relu(x))
+            if self.lrn and block == 1 and i == 1:
+                x = self._tap("lrn1", local_response_norm(x))
+        return max_pool_2x2(x)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False, dense: bool = False) -> jax.Array:
@@ -170,30 +206,18 @@ class VGG(nn.Module):
         if min(x.shape[1:3]) < self.crop_size:
             raise ValueError(f"Dense evaluation needs sides >= crop_size {self.crop_size}, got {x.shape[1:3]}.")
 
-        kernel_init = kernel_initializer(self.init_scheme, self.init_std)
-        layer = functools.partial(
-            nn.Conv, kernel_init=kernel_init, bias_init=nn.initializers.zeros,
-            dtype=self.dtype, param_dtype=self.param_dtype,
-        )
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"Unknown remat {self.remat!r}: use one of {', '.join(REMAT_POLICIES)}.")
+        conv_block = VGG._conv_block
+        if self.remat != "none":
+            conv_block = nn.remat(conv_block, static_argnums=(2, 3), policy=REMAT_POLICIES[self.remat])
         x = x.astype(self.dtype)
-        for block, kernel_sizes in enumerate(self.stages, start=1):
-            features = min(self.width * 2 ** (block - 1), 8 * self.width)
-            for i, k in enumerate(kernel_sizes, start=1):
-                name = f"{block}_{i}"
-                x = self._tap(f"conv{name}", layer(features, (k, k), padding="SAME", name=f"conv{name}")(x))
-                if self.batch_norm:
-                    x = nn.BatchNorm(
-                        use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                        dtype=self.dtype, param_dtype=self.param_dtype, name=f"bn{name}",
-                    )(x)
-                x = self._tap(f"relu{name}", nn.relu(x))
-                if self.lrn and block == 1 and i == 1:
-                    x = self._tap("lrn1", local_response_norm(x))
-            x = max_pool_2x2(x)
-            x = self._tap(f"pool{block}", checkpoint_name(x, f"pool{block}"))
+        for block in range(1, len(self.stages) + 1):
+            x = conv_block(self, x, block, train)
+            x = self._tap(f"pool{block}", x)
 
         # Fully connected layers as convolutions (paper Sect. 3.2, dense evaluation).
-        fc = functools.partial(layer, padding="VALID", conv_general_dilated=fc_as_matmul)
+        fc = functools.partial(self._layer, padding="VALID", conv_general_dilated=fc_as_matmul)
         x = self._tap("fc6", fc(self.fc_width, (window, window), name="fc6")(x))
         x = self._tap("relu6", nn.relu(x))
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)

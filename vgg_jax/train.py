@@ -132,7 +132,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             hooks.append(periodic_actions.Profile(
                 logdir=str(workdir), first_profile=config.profile.start_step, num_profile_steps=config.profile.num_steps
             ))
-    step_fn = jit_train_step(shardings, sharding.batch_sharding(mesh), config.grad_accum_steps, config.remat)
+    step_fn = jit_train_step(shardings, sharding.batch_sharding(mesh), config.grad_accum_steps)
     preemption = PreemptionFlag()
 
     def run_eval(step: int) -> dict[str, float]:

@@ -53,13 +53,7 @@ def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
     return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
 
 
-REMAT_POLICIES = {
-    "blocks": jax.checkpoint_policies.save_only_these_names(*(f"pool{b}" for b in range(1, 6))),
-    "full": jax.checkpoint_policies.nothing_saveable,
-}
-
-
-def _loss_and_grads(state: TrainState, params: Any, batch_stats: Any, images, labels, rng, remat: str):
+def _loss_and_grads(state: TrainState, params: Any, batch_stats: Any, images, labels, rng):
     def loss_fn(p):
         variables = {"params": p} | ({"batch_stats": batch_stats} if batch_stats else {})
         logits, updates = state.apply_fn(
@@ -68,16 +62,12 @@ def _loss_and_grads(state: TrainState, params: Any, batch_stats: Any, images, la
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
         return loss, (logits, updates.get("batch_stats", batch_stats))
 
-    if remat != "none":
-        if remat not in REMAT_POLICIES:
-            raise ValueError(f"Unknown remat {remat!r}: use 'none', 'blocks' or 'full'.")
-        loss_fn = jax.checkpoint(loss_fn, policy=REMAT_POLICIES[remat])
     (loss, (logits, new_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return loss, logits, new_stats, grads
 
 
 def train_step(
-    state: TrainState, batch: dict[str, jax.Array], accum_steps: int = 1, remat: str = "none"
+    state: TrainState, batch: dict[str, jax.Array], accum_steps: int = 1
 ) -> tuple[TrainState, TrainMetrics]:
     """One SGD step on a global batch, the gradient averaged over ``accum_steps`` micro-batches.
 
@@ -88,7 +78,7 @@ def train_step(
     images, labels = batch["image"], batch["label"]
     if accum_steps == 1:
         loss, logits, new_stats, grads = _loss_and_grads(
-            state, state.params, state.batch_stats, images, labels, rng, remat
+            state, state.params, state.batch_stats, images, labels, rng
         )
     else:
         # Example i of micro-batch m is batch[i * accum + m]: each device keeps its own examples.
@@ -99,7 +89,7 @@ def train_step(
             grads_sum, stats = carry
             step_images, step_labels, m = xs
             loss, logits, stats, grads = _loss_and_grads(
-                state, state.params, stats, step_images, step_labels, jax.random.fold_in(rng, m), remat
+                state, state.params, stats, step_images, step_labels, jax.random.fold_in(rng, m)
             )
             return (jax.tree_util.tree_map(jnp.add, grads_sum, grads), stats), (loss, logits)
 
@@ -112,8 +102,10 @@ def train_step(
         logits = jnp.moveaxis(logits, 0, 1).reshape(labels.shape[0], -1)
 
     finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
-    new_state = state.apply_gradients(grads=grads, batch_stats=new_stats)
-    new_state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+    # A branch, not where(finite, new, old): no extra pass over the parameters and momentum.
+    new_state = jax.lax.cond(
+        finite, lambda s: s.apply_gradients(grads=grads, batch_stats=new_stats), lambda s: s, state
+    )
     step_metrics = TrainMetrics.single_from_model_output(
         loss=loss,
         top1=topk_correct(logits, labels, 1),
@@ -126,9 +118,12 @@ def train_step(
 
 # XLA:CPU gives convolutions to YNNPACK by default, whose kernel-gradient convolutions (a window
 # the size of the image) run several times slower than Eigen's; on CPU the step keeps YNNPACK for
-# dots and reductions only (docs/performance.md). A setting in XLA_FLAGS wins.
+# dots and reductions only. XLA:CPU also drops jax.checkpoint's optimization barriers before its
+# last CSE, which then merges the recomputation back into the forward pass: the barriers stay, so
+# that the model's ``remat`` saves memory (docs/performance.md). A setting in XLA_FLAGS wins.
 CPU_COMPILER_OPTIONS = {
     "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE",
+    "xla_disable_hlo_passes": "cse_barrier_expander",
 }
 
 
@@ -140,10 +135,10 @@ def compiler_options() -> dict[str, str] | None:
     return {k: v for k, v in CPU_COMPILER_OPTIONS.items() if k not in flags} or None
 
 
-def jit_train_step(state_shardings: Any, batch_sharding: Any, accum_steps: int = 1, remat: str = "none"):
+def jit_train_step(state_shardings: Any, batch_sharding: Any, accum_steps: int = 1):
     """``train_step`` under jit: state and batch placed by the given shardings, state donated."""
     return jax.jit(
-        functools.partial(train_step, accum_steps=accum_steps, remat=remat),
+        functools.partial(train_step, accum_steps=accum_steps),
         in_shardings=(state_shardings, batch_sharding),
         out_shardings=(state_shardings, None),
         donate_argnums=0,
