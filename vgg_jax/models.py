@@ -161,6 +161,7 @@ class VGG(nn.Module):
         return x
 
     def _layer(self, features: int, kernel_size: tuple[int, int], **kwargs: Any) -> nn.Conv:
+        """A convolution (or FC layer stored as one) with the model's initialisation and dtypes."""
         return nn.Conv(
             features, kernel_size, kernel_init=kernel_initializer(self.init_scheme, self.init_std),
             bias_init=nn.initializers.zeros, dtype=self.dtype, param_dtype=self.param_dtype, **kwargs,
@@ -209,7 +210,7 @@ class VGG(nn.Module):
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"Unknown remat {self.remat!r}: use one of {', '.join(REMAT_POLICIES)}.")
         conv_block = VGG._conv_block
-        if self.remat != "none":
+        if self.remat != "none":  # one checkpoint per block; block and train are Python values
             conv_block = nn.remat(conv_block, static_argnums=(2, 3), policy=REMAT_POLICIES[self.remat])
         x = x.astype(self.dtype)
         for block in range(1, len(self.stages) + 1):
