@@ -174,20 +174,24 @@ def launch(args: argparse.Namespace, overrides: Sequence[str]) -> None:
         if not args.dry_run:
             print(f"All jobs finished. Report: python -m experiments.report {root}")
         return
-    todo = [job for job in jobs if not is_done(job)]
+    done = {job.name for job in jobs if is_done(job)}
     for job in jobs:
-        if job not in todo:
+        if job.name in done:
             print(f"{job.name}: finished already, not submitted")
+    todo = [job for job in jobs if job.name not in done]
     if args.dry_run:
         print("\n".join(job.command(args.python or "python") for job in todo))
         return
     if args.mode == "tpu" and not remote:
         print("Note: the workers of a pod share no disk; use a gs:// --root unless the TPU VM is a single host.")
     scripts = Path(args.scripts_dir or (f"{sweep.name}-{args.mode}" if remote else f"{root}/{args.mode}")).resolve()
-    (write_tpu if args.mode == "tpu" else write_slurm)(args, sweep.name, todo, scripts)
+    if args.mode == "tpu":
+        write_tpu(args, todo, scripts)
+    else:
+        write_slurm(args, sweep.name, todo, scripts)
 
 
-def write_tpu(args: argparse.Namespace, sweep: str, jobs: Sequence[Job], scripts: Path) -> None:
+def write_tpu(args: argparse.Namespace, jobs: Sequence[Job], scripts: Path) -> None:
     opts = tpu.TpuOptions(args.tpu, args.zone, args.project, args.repo_dir or "vgg_jax", args.setup,
                           args.python or "python3")
     script, commands = tpu.write(jobs, opts, scripts)

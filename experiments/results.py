@@ -28,10 +28,6 @@ class RunResult:
     summary: dict[str, Any] | None  # results.json
     scalars: Scalars  # TensorBoard tag -> [(step, value)]
 
-    @property
-    def done(self) -> bool:
-        return bool(self.summary) and self.summary["step"] >= self.facts["num_train_steps"]
-
     def centre_crop(self) -> tuple[int, float, float] | None:
         """(Q, top-1, top-5 error %) of the in-training evaluation at the first test scale."""
         if not self.summary:
@@ -68,7 +64,6 @@ class EvalResult:
 @dataclasses.dataclass
 class Results:
     name: str
-    root: str
     runs: list[RunResult]
     evals: list[EvalResult]
 
@@ -143,7 +138,7 @@ def discover(root: str) -> Results:
         for result in sorted(p.glob("*.json")):
             record = json.loads(result.read_text())
             evals.append(EvalResult(p.name, str(p), _eval_facts(record), record))
-    return Results(base.name, root, runs, evals)
+    return Results(base.name, runs, evals)
 
 
 def collect(root: str) -> Results:
@@ -154,4 +149,4 @@ def collect(root: str) -> Results:
     record = json.loads(manifest.read_text())
     runs = [read_run(j["name"], j["path"], j["facts"]) for j in record["jobs"] if j["kind"] == "train"]
     evals = [read_eval(j["name"], j["path"], j["facts"]) for j in record["jobs"] if j["kind"] == "eval"]
-    return Results(record["sweep"]["name"], root, runs, evals)
+    return Results(record["sweep"]["name"], runs, evals)

@@ -31,6 +31,7 @@ import optax
 from PIL import Image
 
 from vgg_jax import convert, losses, models
+from vgg_jax.load import restore_model
 
 CONTENT_LAYERS = ("relu4_2",)
 STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
@@ -46,7 +47,7 @@ def load_image(path: str, size: int) -> np.ndarray:
 
 def style_layer_weights(model: models.VGG, style_weight: float) -> dict[str, float]:
     """``style_weight / C_l^2`` per style layer: the tutorial's mean over Gram entries as a sum."""
-    channels = {f"relu{b}_1": min(model.width * 2 ** (b - 1), 8 * model.width) for b in range(1, 6)}
+    channels = {f"relu{b}_1": model.block_features(b) for b in range(1, 6)}
     return {layer: style_weight / channels[layer] ** 2 for layer in STYLE_LAYERS}
 
 
@@ -71,8 +72,9 @@ def stylize(
     def features(image: jax.Array) -> dict[str, jax.Array]:
         return models.extract_features(model, variables, convert.normalize(image * 255.0, preprocessing), layers)
 
-    content_targets = jax.jit(features)(jnp.asarray(content))
-    style_grams = {k: losses.gram_matrix(v) for k, v in jax.jit(features)(jnp.asarray(style)).items()}
+    jitted_features = jax.jit(features)
+    content_targets = jitted_features(jnp.asarray(content))
+    style_grams = {k: losses.gram_matrix(v) for k, v in jitted_features(jnp.asarray(style)).items()}
 
     def loss_fn(image: jax.Array) -> jax.Array:
         f = features(image)
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tv_weight", type=float, default=0.0)
     args = parser.parse_args(argv)
 
-    model, variables, meta = convert.load_checkpoint(args.weights)
+    model, variables, meta = restore_model(args.weights)
     if args.size < model.crop_size:
         parser.error(f"--size {args.size} is below the model's crop size {model.crop_size}.")
     image, history = stylize(

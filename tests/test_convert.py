@@ -25,6 +25,7 @@ from safetensors.torch import load_file as torch_load_file
 from safetensors.torch import save_file as torch_save_file
 
 from vgg_jax import checkpoints, convert, models
+from vgg_jax.load import restore_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -358,7 +359,7 @@ def test_cli_converts_and_exports(tmp_path, capsys):
         "preprocessing": convert.PREPROCESSING["torchvision"],
         "source": "torchvision",
     }
-    model, variables, _ = convert.load_checkpoint(ckpt)
+    model, variables, _ = restore_model(ckpt)
     x = images(1, seed=5)
     assert relative_error(our_logits(model, variables, x), torch_logits(reference, x)) < 1e-4
 

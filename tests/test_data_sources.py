@@ -21,10 +21,9 @@ import ilsvrc_fixture as fx  # tests/ helper
 
 
 @pytest.fixture(scope="session")
-def demo_cfg(tmp_path_factory):
+def demo_cfg(data_dir):
     cfg = data.default_data_config()  # dataset='vgg_jax_demo' by default
-    cfg.data_dir = str(tmp_path_factory.mktemp("demo_tfds"))
-    data.num_examples(cfg, "train")  # generates and prepares it (first use)
+    cfg.data_dir = data_dir  # prepared once per session (conftest.py)
     return cfg
 
 

@@ -11,7 +11,6 @@ import collections
 import functools
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,46 +21,9 @@ import numpy as np
 import pytest
 
 from vgg_jax import checkpoints, data, evaluate, models, sharding
-from vgg_jax.load import load
-from tiny_runs import TINY
+from tiny_runs import TRAINING_DEVICES, free_port
 
 REPO = Path(__file__).resolve().parents[1]
-
-# A tiny but complete training run on the built-in data (tests/test_main.py's sizes), on 2 CPU
-# devices: the tests load it on this process's single device.
-TINY_TRAINING = [
-    *TINY,
-    "--config.num_train_steps=6",
-    "--config.eval_every_steps=6",
-    "--config.checkpoint.every_steps=6",
-]
-TRAINING_DEVICES = 2
-
-
-def tiny_run(tmp_path_factory) -> Path:
-    """The workdir of the tiny run, trained once per test session (shared by the eval, load and
-    notebook tests) with 2 CPU devices in a subprocess."""
-    root = tmp_path_factory.getbasetemp() / "vgg_jax_tiny_run"
-    workdir = root / "workdir"
-    if not (workdir / "results.json").exists():
-        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={TRAINING_DEVICES}"
-        cmd = [sys.executable, "-m", "vgg_jax.main", f"--workdir={workdir}", *TINY_TRAINING,
-               f"--config.data.data_dir={root / 'tfds'}"]
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-    return workdir
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    return tiny_run(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def clf(run):
-    return load(str(run))
-
 
 def softmax64(x) -> np.ndarray:
     x = np.asarray(x, np.float64)
@@ -236,7 +198,7 @@ def error(posteriors: np.ndarray, labels: np.ndarray, k: int) -> float:
     return 100.0 * (1.0 - np.mean((top == labels[:, None]).any(1)))
 
 
-def test_multiscale_and_ensemble_average_per_image_posteriors(clf, tmp_path):
+def test_multiscale_and_ensemble_average_per_image_posteriors(clf):
     """Centre protocol at two scales for an ensemble of the trained model and a random one,
     against per-image loops: errors of each scale, of each model over scales, of the ensemble."""
     cfg = clf.config.data.copy_and_resolve_references()
@@ -284,12 +246,6 @@ def test_paper_scales():
     assert evaluate.paper_scales(cfg) == (256, 384, 512)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 CLI = ["--protocol=dense+multicrop", "--scales=36,48", "--split=validation[:13]", "--batch_size=4"]
 
 
@@ -299,7 +255,7 @@ def test_cli_counts_every_image_once_on_1_and_2_processes(run, tmp_path):
     agree on every result, and both count each image once."""
     one = evaluate.main([f"--workdir={run}", *CLI, f"--out={tmp_path / 'one'}"]).results
     assert one["images"] == 13
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     procs = [
         subprocess.Popen(

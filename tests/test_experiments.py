@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the experiments package lives at the repository root
 
 from experiments import launch, plan, plots, report, results, slurm, status, sweeps, tpu  # noqa: E402
+from tiny_runs import free_port  # noqa: E402
 
 # Tiny but complete runs: the real demo data through the paper's transform at crop 32.
 TINY = [
@@ -59,11 +59,6 @@ def run_launcher(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("tfds"))
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +176,7 @@ def test_depth_axis_follows_the_papers_table_1():
     plots.png(fig)
 
 
-def test_report_without_a_manifest_discovers_the_workdirs(ablation, tmp_path):
+def test_report_without_a_manifest_discovers_the_workdirs(ablation):
     """Workdirs trained by hand (no sweep.json): runs and evaluations are found from their files."""
     found = results.discover(str(ablation))
     assert {r.name for r in found.runs} == ABLATION_JOBS - {"A_256-dense"}
@@ -390,13 +385,7 @@ def test_slurm_job_script_runs_srun_and_requeues_until_done(tmp_path):
         os.remove(f"{root}/D_384/results.json")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_jax_distributed_initialises_from_the_slurm_environment(tmp_path):
+def test_jax_distributed_initialises_from_the_slurm_environment():
     """What srun gives each task is enough for ``jax.distributed.initialize()`` with no arguments."""
     code = ("import jax; jax.distributed.initialize(); "
             "print(jax.process_index(), jax.process_count(), flush=True); jax.distributed.shutdown()")

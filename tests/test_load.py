@@ -10,22 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import vgg_jax
 from vgg_jax import checkpoints, convert, evaluate, sharding
 from vgg_jax.data import demo
-from vgg_jax.load import Classifier, load
+from vgg_jax.load import load
 
-from test_evaluate import jitted, softmax64, tiny_run  # the session's tiny 2-device training run
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return tiny_run(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def clf(run) -> Classifier:
-    return vgg_jax.load(str(run))
+from test_evaluate import jitted, softmax64
 
 
 def smooth_image(seed: int, h: int, w: int) -> np.ndarray:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,14 +14,10 @@ import numpy as np
 import pytest
 
 from vgg_jax import checkpoints
-from tiny_runs import TINY
+from tiny_runs import TINY, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 KILL_DURING_SAVE = Path(__file__).with_name("slow_save_main.py")
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("tfds"))
 
 
 def main_command(workdir: Path, data_dir: str, *overrides: str, script: str | None = None) -> list[str]:
@@ -191,17 +186,11 @@ def test_loss_falls_on_the_builtin_data(tmp_path, data_dir):
     assert losses[60] < losses[10] - 0.1, losses
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_training_checkpoints_and_resumes(tmp_path, data_dir):
     """2 processes x 1 CPU device each on localhost: per-process iterator states, agreed params, resume."""
 
     def launch(steps: int) -> None:
-        port = _free_port()
+        port = free_port()
         procs = [
             _start(main_command(
                 tmp_path, data_dir, f"--config.num_train_steps={steps}", "--config.checkpoint.every_steps=2",

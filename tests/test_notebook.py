@@ -8,13 +8,10 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
-from test_evaluate import tiny_run  # the session's tiny 2-device training run
-
 NOTEBOOK = Path(__file__).resolve().parents[1] / "experiments" / "notebook.ipynb"
 
 
-def test_notebook_runs_and_shows_predictions(tmp_path_factory, monkeypatch):
-    run = tiny_run(tmp_path_factory)
+def test_notebook_runs_and_shows_predictions(run, monkeypatch):
     monkeypatch.setenv("VGG_JAX_CHECKPOINT", str(run))
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     nb = nbformat.read(NOTEBOOK, as_version=4)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 
@@ -23,6 +22,7 @@ from vgg_jax import data
 from vgg_jax.data import pipeline, sources, transforms
 
 import ilsvrc_fixture as fx  # tests/ helper
+from tiny_runs import free_port
 
 CLASSES = ["c0", "c1", "c2", "c3"]
 TRAIN_PER_CLASS = 9  # 36 train examples
@@ -161,19 +161,13 @@ def test_processes_read_disjoint_parts_in_process(tiny):
     assert sorted(np.concatenate(seen).tolist()) == list(range(36))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_jax_processes_see_disjoint_examples(tiny, tmp_path):
     """Two real processes (jax.distributed, gloo, 127.0.0.1): train and eval split between them."""
     cfg = make_cfg(tiny)
     data.num_examples(cfg, "train")  # prepare once, before the workers start
     cfg_json = json.dumps({k: cfg[k] for k in ("dataset", "folder", "data_dir", "crop_size", "scale_min",
                                                 "scale_max", "eval_scales", "shuffle_chunk", "shuffle_buffer")})
-    port = _free_port()
+    port = free_port()
     worker = os.path.join(os.path.dirname(__file__), "data_worker.py")
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     outs = [str(tmp_path / f"out{i}.json") for i in range(2)]

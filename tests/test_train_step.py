@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 from vgg_jax import bench, models, optim, sharding
 from vgg_jax import train_step as train_step_lib
 from vgg_jax.train_step import create_train_state
+from tiny_runs import free_port
 
 # Compiled as the trainer compiles it (jit_train_step's XLA options), without its shardings.
 train_step = jax.jit(train_step_lib.train_step, static_argnames=("accum_steps",),
@@ -138,9 +138,8 @@ def test_remat_saves_memory_in_the_compiled_step():
     temporaries, convolutions = {}, {}
     for policy in ("none", "convs", "blocks"):
         model = models.get_model("vgg16", num_classes=5, width=8, fc_width=16, crop_size=64, remat=policy)
-        tx = optim.make_optimizer(opt_config(), 10)
-        state = jax.eval_shape(lambda rng, m=model, t=tx: create_train_state(m, t, rng), jax.random.PRNGKey(0))
-        step = train_step_lib.jit_train_step(sharding.state_shardings(mesh, state), sharding.batch_sharding(mesh))
+        state, shardings = train_step_lib.abstract_train_state(model, optim.make_optimizer(opt_config(), 10), mesh)
+        step = train_step_lib.jit_train_step(shardings, sharding.batch_sharding(mesh))
         compiled = step.lower(state, batch_spec).compile()
         temporaries[policy] = compiled.memory_analysis().temp_size_in_bytes
         convolutions[policy] = bench.count_convolutions(compiled.as_text())
@@ -158,7 +157,7 @@ def test_non_finite_loss_leaves_the_state_unchanged():
     assert float(m.finite.total) == 0.0
     for x, y in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(new.params)):
         np.testing.assert_array_equal(x, y)
-    ok, m_ok = train_step(state, batch())
+    _, m_ok = train_step(state, batch())
     assert float(m_ok.finite.total) == 1.0
 
 
@@ -207,15 +206,9 @@ def test_plateau_divides_by_ten_three_times_at_most():
     assert float(optim.current_learning_rate(lowered)) == pytest.approx(1e-3)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_workers(tmp_path, name, num_processes, devices, *extra):
     out = tmp_path / f"{name}.npz"
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     procs = [
         subprocess.Popen(

@@ -1,7 +1,9 @@
-"""Command-line overrides for a tiny but complete training run on the built-in data.
-
-The real demo data goes through the paper's whole transform at reduced sizes: a run takes seconds.
+"""Helpers shared by the tests: overrides for a tiny but complete training run on the built-in
+data (the real demo data through the paper's whole transform at reduced sizes: a run takes
+seconds), a random "converted" checkpoint, and a free loopback port for multi-process runs.
 """
+
+import socket
 
 TINY = [
     "--config=configs/demo.py",
@@ -18,6 +20,16 @@ TINY = [
     "--config.optimizer.schedule=constant",
     "--config.optimizer.learning_rate=0.02",
     "--config.log_every_steps=2",
+]
+
+# The session's tiny trained run (tests/conftest.py): TINY for 6 steps on 2 CPU devices; the tests
+# load it on their process's single device.
+TRAINING_DEVICES = 2
+TINY_TRAINING = [
+    *TINY,
+    "--config.num_train_steps=6",
+    "--config.eval_every_steps=6",
+    "--config.checkpoint.every_steps=6",
 ]
 
 
@@ -39,3 +51,10 @@ def save_random_converted(path, name: str, **model_options):
         models.variable_shapes(model)["params"])
     checkpoints.save_variables(path, {"params": params}, convert.checkpoint_meta(name, model, "torchvision", None))
     return model, params
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (the coordinator of a multi-process test run)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -12,7 +12,6 @@ the same run, interleaved. ``memory``: XLA's memory plan of the step per remat p
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
 import tempfile
@@ -45,7 +44,7 @@ def natural_image(rng: np.random.Generator, height: int, width: int) -> np.ndarr
 
 def make_jpegs(cache_dir: str, num_images: int, quality: int = 90, seed: int = 0) -> list[str]:
     """Write (once) ``num_images`` ImageNet-like JPEGs into ``cache_dir``; returns their paths."""
-    from PIL import Image
+    from vgg_jax.data.demo import encode_jpeg
 
     os.makedirs(cache_dir, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -55,10 +54,8 @@ def make_jpegs(cache_dir: str, num_images: int, quality: int = 90, seed: int = 0
         height, width = _SIZES[i % len(_SIZES)]
         image = natural_image(rng, height, width)  # drawn even when cached, so the set is fixed
         if not os.path.exists(path):
-            buf = io.BytesIO()
-            Image.fromarray(image).save(buf, "JPEG", quality=quality)
             with open(path + ".tmp", "wb") as f:
-                f.write(buf.getvalue())
+                f.write(encode_jpeg(image, quality))
             os.replace(path + ".tmp", path)
         paths.append(path)
     return paths
@@ -149,13 +146,12 @@ def bench_eval(args: argparse.Namespace) -> None:
     in wall time and in this process's CPU time (all threads; steadier on a shared machine).
     """
     import functools
-    import math
 
     import jax
     import jax.numpy as jnp
 
     from vgg_jax import evaluate, models
-    from vgg_jax.data.pipeline import MULTICROP_GRID
+    from vgg_jax.data.pipeline import MULTICROP_GRID, dense_canvases
 
     model = models.get_model(args.model, num_classes=args.num_classes, width=args.width, fc_width=args.fc_width,
                              crop_size=args.crop_size, dtype=args.dtype)
@@ -167,7 +163,7 @@ def bench_eval(args: argparse.Namespace) -> None:
     def inputs(method: str, q: int) -> tuple[dict, int, int]:
         """(batch, views per image, MACs per image) at scale q."""
         if method == "dense":
-            w = math.ceil(4 * q / 3 / 32) * 32
+            _, w = dense_canvases(q, [4 / 3])[0]  # a landscape ImageNet photo
             batch = {"image": jax.random.normal(key, (b, q, w, 3)), "height": jnp.full(b, q), "width": jnp.full(b, w)}
             return batch, 2, 2 * models.forward_macs(model, (q, w))
         batch = {"image": jax.random.normal(key, (b, 2 * MULTICROP_GRID**2, c, c, 3))}
@@ -185,11 +181,7 @@ def bench_eval(args: argparse.Namespace) -> None:
         for q in scales:
             batch, n, m = inputs(method, q)
             step(variables, batch).block_until_ready()  # compile
-            times = []
-            for _ in range(args.repeats):
-                start, cpu = time.perf_counter(), time.process_time()
-                step(variables, batch).block_until_ready()
-                times.append((time.perf_counter() - start, time.process_time() - cpu))
+            times = [_timed(lambda: step(variables, batch).block_until_ready()) for _ in range(args.repeats)]
             seconds += min(t[0] for t in times)
             cpu_seconds += min(t[1] for t in times)
             views, macs = views + n, macs + m
@@ -276,14 +268,12 @@ def _abstract_train(args: argparse.Namespace, batch: int):
     import jax.numpy as jnp
 
     from vgg_jax import optim, sharding
-    from vgg_jax.train_step import create_train_state, jit_train_step
+    from vgg_jax.train_step import abstract_train_state, jit_train_step
 
     model = _train_model(args)
     mesh = sharding.make_mesh()
     tx = optim.make_optimizer(_optimizer_config(), 1)
-    abstract = jax.eval_shape(lambda rng: create_train_state(model, tx, rng), jax.random.PRNGKey(0))
-    shardings = sharding.state_shardings(mesh, abstract)
-    state = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    state, shardings = abstract_train_state(model, tx, mesh)
     n, size, data = batch * jax.device_count(), args.image_size, sharding.batch_sharding(mesh)
     images = jax.ShapeDtypeStruct((n, size, size, 3), jnp.float32, sharding=data)
     batch_spec = {"image": images, "label": jax.ShapeDtypeStruct((n,), jnp.int32, sharding=data)}
@@ -348,7 +338,7 @@ class TorchTrainStep:
         torch.manual_seed(0)
         nn, layers, channels = torch.nn, [], 3
         for block, kernel_sizes in enumerate(model.stages, start=1):
-            features = min(model.width * 2 ** (block - 1), 8 * model.width)
+            features = model.block_features(block)
             for k in kernel_sizes:
                 layers += [nn.Conv2d(channels, features, k, padding=k // 2), nn.ReLU(inplace=True)]
                 channels = features

@@ -54,6 +54,7 @@ from typing import Any
 import numpy as np
 
 from vgg_jax import checkpoints, models
+from vgg_jax.load import restore_model
 from vgg_jax.models import VGG
 
 SOURCES = ("torchvision", "keras", "caffe")
@@ -412,17 +413,6 @@ def checkpoint_preprocessing(meta: Mapping[str, Any]) -> dict[str, Any]:
     return {"channel_order": "RGB", "input_scale": 255.0, "mean": list(data["mean_rgb"]), "std": list(data["std_rgb"])}
 
 
-def load_checkpoint(path: str | Path) -> tuple[VGG, dict[str, Any], dict[str, Any]]:
-    """``(model, variables, meta)`` of a converted checkpoint or a training run (workdir or step dir)."""
-    meta = checkpoints.read_meta(path)
-    variables = checkpoints.restore_variables(path)
-    model = models.from_config(
-        meta["config"]["model"], num_classes=int(variables["params"]["fc8"]["kernel"].shape[-1]),
-        crop_size=meta["config"]["data"]["crop_size"],
-    )
-    return model, variables, meta
-
-
 def convert_file(path: str | Path, source: str, name: str, **model_options: Any) -> tuple[VGG, dict[str, Any]]:
     """Reads a weights file and returns ``(model, variables)``; BGR sources are flipped to RGB.
 
@@ -455,7 +445,7 @@ def _parser() -> argparse.ArgumentParser:
 def _export(args: argparse.Namespace) -> str:
     if args.source:
         raise ValueError("--to=torchvision-safetensors exports a vgg_jax checkpoint: drop --source.")
-    model, variables, _ = load_checkpoint(args.input)
+    model, variables, _ = restore_model(args.input)
     save_torchvision_safetensors(args.output, variables, model)
     return f"Wrote {args.output}: torchvision layout of {_describe(model)}."
 

@@ -178,10 +178,11 @@ def fold_preprocessing(data_cfg: ml_collections.ConfigDict, preprocessing: dict[
     return preprocessing["channel_order"]
 
 
-def load(path: str, batch_size: int = 32) -> Classifier:
-    """Restores the newest checkpoint under ``path`` (a training workdir, its checkpoints dir, a
-    step dir, or converted weights) with its config, class names and preprocessing."""
-    from vgg_jax import checkpoints, data
+def restore_model(path: str) -> tuple[models.VGG, dict[str, Any], dict[str, Any]]:
+    """``(model, variables, meta)`` of the newest checkpoint under ``path`` (a training workdir, its
+    checkpoints dir, a step dir, or converted weights): the model its meta config describes, with
+    fc8's class count, checked against the stored parameters."""
+    from vgg_jax import checkpoints
 
     meta = checkpoints.read_meta(path)
     if "model" not in meta.get("config", {}):
@@ -189,18 +190,28 @@ def load(path: str, batch_size: int = 32) -> Classifier:
             f"{checkpoints.find_checkpoint(path)} has no model config in its meta item: it was not written by "
             "vgg_jax.main or vgg_jax.convert, so the model cannot be rebuilt."
         )
+    variables = checkpoints.restore_variables(path)
+    num_classes = int(variables["params"]["fc8"]["bias"].shape[0])
+    crop_size = meta["config"].get("data", {}).get("crop_size", models.VGG.crop_size)
+    model = models.from_config(meta["config"]["model"], num_classes=num_classes, crop_size=crop_size)
+    checkpoints.check_compatible(models.variable_shapes(model)["params"], variables["params"], str(path))
+    return model, variables, meta
+
+
+def load(path: str, batch_size: int = 32) -> Classifier:
+    """Restores the newest checkpoint under ``path`` (a training workdir, its checkpoints dir, a
+    step dir, or converted weights) with its config, class names and preprocessing."""
+    from vgg_jax import data
+
+    model, variables, meta = restore_model(path)
     data_cfg = data.default_data_config()  # defaults for the fields the checkpoint does not set
     data_cfg.update(meta["config"].get("data", {}))
     config = ml_collections.ConfigDict({k: v for k, v in meta["config"].items() if k != "data"})
     config.data = data_cfg
     channel_order = fold_preprocessing(data_cfg, meta["preprocessing"]) if meta.get("preprocessing") else "RGB"
-    variables = checkpoints.restore_variables(path)
-    num_classes = int(variables["params"]["fc8"]["bias"].shape[0])
-    model = models.from_config(config.model, num_classes=num_classes, crop_size=config.data.crop_size)
-    checkpoints.check_compatible(models.variable_shapes(model)["params"], variables["params"], str(path))
-    class_names = list(meta.get("class_names") or [str(i) for i in range(num_classes)])
-    if len(class_names) != num_classes:
-        raise ValueError(f"{path}: {len(class_names)} class names for {num_classes} outputs of fc8.")
+    class_names = list(meta.get("class_names") or [str(i) for i in range(model.num_classes)])
+    if len(class_names) != model.num_classes:
+        raise ValueError(f"{path}: {len(class_names)} class names for {model.num_classes} outputs of fc8.")
     if not variables.get("batch_stats"):
         variables = {"params": variables["params"]}
     return Classifier(str(path), model, variables, config, class_names, channel_order, batch_size)

@@ -154,6 +154,10 @@ class VGG(nn.Module):
             raise ValueError(f"crop_size must be a multiple of 32 (five 2x2 pools), got {self.crop_size}.")
         return self.crop_size // 32
 
+    def block_features(self, block: int) -> int:
+        """Channels of block ``block``'s convolutions (1-5): ``width`` doubling up to ``8 * width``."""
+        return min(self.width * 2 ** (block - 1), 8 * self.width)
+
     def _tap(self, name: str, x: jax.Array) -> jax.Array:
         """Exposes an activation under its community name (see ``extract_features``)."""
         # One dict-valued variable: sowing under the layer name itself would clash with the submodule.
@@ -169,7 +173,7 @@ class VGG(nn.Module):
 
     def _conv_block(self, x: jax.Array, block: int, train: bool) -> jax.Array:
         """Block ``block`` (1-5): its convolutions (BN, LRN), ReLUs and the 2x2 max pool."""
-        features = min(self.width * 2 ** (block - 1), 8 * self.width)
+        features = self.block_features(block)
         for i, k in enumerate(self.stages[block - 1], start=1):
             name = f"{block}_{i}"
             x = self._layer(features, (k, k), padding="SAME", name=f"conv{name}")(x)
@@ -353,7 +357,7 @@ def forward_macs(model: VGG, image_size: int | tuple[int, int] | None = None) ->
     h, w = (image_size, image_size) if isinstance(image_size, int) else (image_size or (model.crop_size,) * 2)
     macs, channels = 0, 3
     for block, kernel_sizes in enumerate(model.stages, start=1):
-        features = min(model.width * 2 ** (block - 1), 8 * model.width)
+        features = model.block_features(block)
         for k in kernel_sizes:
             macs += h * w * k * k * channels * features
             channels = features

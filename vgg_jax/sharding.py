@@ -36,15 +36,11 @@ def make_mesh(model_axis: int = 1, devices: Sequence[jax.Device] | None = None) 
     return Mesh(grid, (DATA, MODEL))
 
 
-def _path_str(path: Sequence[Any]) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
 def partition_specs(tree: Any, rules: Sequence[tuple[str, P]] = ()) -> Any:
     """PartitionSpecs for a pytree: the first matching rule, else replicated."""
 
     def spec(path, leaf) -> P:
-        name = _path_str(path)
+        name = jax.tree_util.keystr(path, simple=True, separator="/")
         for pattern, rule in rules:
             if re.search(pattern, name) and len(rule) <= np.ndim(leaf):
                 return rule

@@ -18,7 +18,7 @@ from clu import metric_writers, parameter_overview, periodic_actions
 from etils import epath
 
 from vgg_jax import checkpoints, data, evaluate, models, optim, sharding
-from vgg_jax.train_step import TrainState, create_train_state, jit_train_step
+from vgg_jax.train_step import TrainState, abstract_train_state, create_train_state, jit_train_step
 
 
 class PreemptionFlag:
@@ -41,13 +41,6 @@ class PreemptionFlag:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _abstract_state(model: models.VGG, tx, mesh, shard_fc: bool):
-    abstract = jax.eval_shape(lambda rng: create_train_state(model, tx, rng), jax.random.PRNGKey(0))
-    shardings = sharding.state_shardings(mesh, abstract, shard_fc)
-    placed = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    return placed, shardings
-
-
 def _initial_params(config: ml_collections.ConfigDict, fresh: Any, fresh_stats: Any) -> tuple[Any, Any]:
     """Params from ``init_from`` / ``staged_init_from`` when configured, else the fresh ones."""
     params, stats = fresh, fresh_stats
@@ -68,7 +61,7 @@ def _initial_params(config: ml_collections.ConfigDict, fresh: Any, fresh_stats: 
 
 def create_state(config: ml_collections.ConfigDict, model: models.VGG, tx, mesh) -> tuple[TrainState, Any, Any]:
     """A new train state placed on the mesh; returns (state, abstract placed state, shardings)."""
-    abstract, shardings = _abstract_state(model, tx, mesh, config.mesh.model > 1)
+    abstract, shardings = abstract_train_state(model, tx, mesh, config.mesh.model > 1)
     rng = jax.random.PRNGKey(config.seed)
     state = jax.jit(lambda r: create_train_state(model, tx, r), out_shardings=shardings)(rng)
     if config.init_from or config.staged_init_from:
@@ -103,17 +96,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         factor=config.optimizer.decay_factor, patience=config.optimizer.patience,
         min_delta=config.optimizer.min_delta, max_decreases=config.optimizer.max_decreases,
     )
-    train_iter = data.create_train_iterator(config.data, global_batch_size=config.global_batch_size, seed=config.seed)
     ckpt = checkpoints.Checkpointer(
         workdir / "checkpoints", keep=config.checkpoint.keep, keep_best=config.checkpoint.keep_best,
         async_save=config.checkpoint.async_save,
     )
-
     latest = ckpt.latest_step()
+    results_path = workdir / "results.json"
+    if latest is not None and latest >= config.num_train_steps and results_path.exists():
+        ckpt.check(latest, abstract_train_state(model, tx, mesh, config.mesh.model > 1)[0])  # same model?
+        logging.info("%s is already trained to step %d: nothing to do.", workdir, latest)
+        ckpt.close()
+        return json.loads(results_path.read_text())
+
+    train_iter = data.create_train_iterator(config.data, global_batch_size=config.global_batch_size, seed=config.seed)
     if latest is None:
         state, abstract, shardings = create_state(config, model, tx, mesh)
     else:
-        abstract, shardings = _abstract_state(model, tx, mesh, config.mesh.model > 1)
+        abstract, shardings = abstract_train_state(model, tx, mesh, config.mesh.model > 1)
         state, data_state, meta = ckpt.restore(latest, abstract)
         train_iter.set_state(data_state)
         plateau.load(meta["plateau"])
@@ -124,7 +123,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     if start_step == 0:
-        writer.write_hparams({k: v for k, v in _flat_config(config).items()})
+        writer.write_hparams(_flat_config(config))
     hooks: list[Any] = []
     if jax.process_index() == 0:
         hooks.append(periodic_actions.ReportProgress(num_train_steps=config.num_train_steps, writer=writer))
@@ -153,12 +152,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     train_metrics, last_eval, pending, started = None, None, None, time.time()
     step = start_step
-    results_path = workdir / "results.json"
-    if step >= config.num_train_steps and results_path.exists():
-        logging.info("%s is already trained to step %d: nothing to do.", workdir, step)
-        ckpt.close()
-        preemption.restore()
-        return json.loads(results_path.read_text())
     try:
         while step < config.num_train_steps:
             local = next(train_iter)

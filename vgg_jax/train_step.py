@@ -12,7 +12,7 @@ import optax
 from clu import metrics
 from flax.training import train_state
 
-from vgg_jax import models, optim
+from vgg_jax import models, optim, sharding
 
 
 class TrainState(train_state.TrainState):
@@ -45,6 +45,16 @@ def create_train_state(
         batch_stats=variables.get("batch_stats", {}),
         dropout_rng=dropout_rng,
     )
+
+
+def abstract_train_state(
+    model: models.VGG, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh, shard_fc: bool = False
+) -> tuple[TrainState, Any]:
+    """The state's shapes placed on ``mesh`` (``ShapeDtypeStruct`` with shardings), and the shardings."""
+    abstract = jax.eval_shape(lambda rng: create_train_state(model, tx, rng), jax.random.PRNGKey(0))
+    shardings = sharding.state_shardings(mesh, abstract, shard_fc)
+    placed = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    return placed, shardings
 
 
 def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:

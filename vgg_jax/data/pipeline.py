@@ -106,7 +106,8 @@ def create_train_iterator(
         dataset=source.name, split=data_cfg.train_split, seed=int(seed), process_index=process_index,
         process_count=process_count, examples=shard.num_examples, shuffle_chunk=chunk, shuffle_buffer=window,
     )
-    make = functools.partial(_train_dataset, source, shard, data_cfg, int(seed), batch, chunk, window)
+    tcfg = transforms.TransformConfig.from_config(data_cfg)
+    make = functools.partial(_train_dataset, source, shard, data_cfg, tcfg, int(seed), batch, chunk, window)
     return TrainIterator(make, layout, _Reporter(source, data_cfg))
 
 
@@ -135,8 +136,7 @@ def create_eval_iterator(
     split = data_cfg.eval_split
     source = _source(data_cfg, split)
     tcfg = transforms.TransformConfig.from_config(data_cfg)
-    if scale < tcfg.crop_size:
-        raise ValueError(f"eval scale Q={scale} is below crop_size={tcfg.crop_size}; crops need Q >= crop_size.")
+    transforms.check_scale(scale, tcfg)
     shards = [_Shard.build(source, split, p, process_count) for p in range(process_count)]
     build = _dense_passes if view == "dense" else _single_pass
     passes = build(source, shards, process_index, data_cfg, tcfg, view, scale, batch)
@@ -381,11 +381,10 @@ def _fold(seed: tf.Tensor, *data: tf.Tensor | int) -> tf.Tensor:
     return seed
 
 
-def _train_dataset(source: Source, shard: _Shard, data_cfg: Any, seed: int, batch: int, chunk: int, window: int,
-                   start_epoch: int, start_position: int) -> tf.data.Dataset:
+def _train_dataset(source: Source, shard: _Shard, data_cfg: Any, tcfg: transforms.TransformConfig, seed: int,
+                   batch: int, chunk: int, window: int, start_epoch: int, start_position: int) -> tf.data.Dataset:
     """Batches from (start_epoch, start_position) on, with bookkeeping fields for the iterator."""
     parallel = _parallel(data_cfg)
-    tcfg = transforms.TransformConfig.from_config(data_cfg)
     parse = _parser(source)
     split = data_cfg.train_split
     base = _fold(tf.constant([seed, 0], tf.int64), shard.start)  # shards differ per process
@@ -626,9 +625,8 @@ def image_sizes(source: Source, split: str, parallel: int) -> tuple[np.ndarray, 
 
 
 def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
-    if process_index is None or process_count is None:
-        process_index = jax.process_index() if process_index is None else process_index
-        process_count = jax.process_count() if process_count is None else process_count
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count}).")
     return process_index, process_count

@@ -74,17 +74,7 @@ class TransformConfig:
     @classmethod
     def from_config(cls, data_cfg: Any) -> TransformConfig:
         """From the data ConfigDict; ``stats_path`` (JSON of the stats command) overrides mean and PCA."""
-        fields = dict(
-            crop_size=data_cfg.crop_size,
-            scale_min=data_cfg.scale_min,
-            scale_max=data_cfg.scale_max,
-            flip=data_cfg.flip,
-            mean_rgb=data_cfg.mean_rgb,
-            std_rgb=data_cfg.std_rgb,
-            pca_eigval=data_cfg.pca_eigval,
-            pca_eigvec=data_cfg.pca_eigvec,
-            pca_alpha_std=data_cfg.pca_alpha_std,
-        )
+        fields = {f.name: data_cfg[f.name] for f in dataclasses.fields(cls)}
         if data_cfg.get("stats_path"):
             fields.update(load_stats(data_cfg.stats_path))
         return cls(**fields)
@@ -183,7 +173,7 @@ def train_view(encoded: tf.Tensor, seed: tf.Tensor, cfg: TransformConfig) -> tf.
 
 def eval_center_view(encoded: tf.Tensor, scale: int, cfg: TransformConfig) -> tf.Tensor:
     """Centre crop_size crop of the image rescaled to shorter side ``scale``: float32 [crop, crop, 3]."""
-    _check_scale(scale, cfg)
+    check_scale(scale, cfg)
     source = _probe(encoded)
     size = shorter_side_size(source.hw, scale)
     crop = tf.constant([cfg.crop_size] * 2, tf.int32)
@@ -206,7 +196,7 @@ def multicrop_views(encoded: tf.Tensor, scale: int, cfg: TransformConfig, grid: 
     columns alike). Views 0..grid*grid-1 are row-major (row k // grid, column k % grid); the next
     grid*grid are the same crops flipped horizontally, in the same order.
     """
-    _check_scale(scale, cfg)
+    check_scale(scale, cfg)
     if grid < 2:
         raise ValueError(f"multicrop grid must be >= 2 (the paper uses 5), got {grid}.")
     image = normalize(_full_resized(encoded, scale), cfg)
@@ -221,7 +211,8 @@ def multicrop_views(encoded: tf.Tensor, scale: int, cfg: TransformConfig, grid: 
     return tf.concat([crops, tf.reverse(crops, [2])], axis=0)
 
 
-def _check_scale(scale: int, cfg: TransformConfig) -> None:
+def check_scale(scale: int, cfg: TransformConfig) -> None:
+    """A clear error for a test scale Q below the crop size."""
     if scale < cfg.crop_size:
         raise ValueError(
             f"test scale Q={scale} is smaller than crop_size={cfg.crop_size}; crops need Q >= crop_size "
