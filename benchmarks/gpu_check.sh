@@ -49,7 +49,7 @@ EOF
 
 echo "== bf16 training ($MODEL_ARGS), batches per device: $BATCHES"
 rm -rf /tmp/vgg_jax_trace
-timeout 270 $PY -m vgg_jax.bench train $MODEL_ARGS --dtype bfloat16 --batch $BATCHES \
+timeout 270 $PY -m vgg_jax.bench train $MODEL_ARGS --dtype bfloat16 --batch=${BATCHES// /,} \
   --steps 10 --warmup 3 --profile_dir /tmp/vgg_jax_trace --profile_steps 3
 for f in $(find /tmp/vgg_jax_trace -name '*.xplane.pb' 2> /dev/null); do
   if [ "$(stat -c %s "$f")" -gt 15000000 ]; then gzip -c "$f" > "$OUT/vgg16_bf16.xplane.pb.gz"; else cp "$f" "$OUT/vgg16_bf16.xplane.pb"; fi
@@ -58,7 +58,7 @@ done
 if [ "$SECONDS" -lt 220 ]; then
   echo "== XLA memory plan per remat policy (compile only, autotuning off), after ${SECONDS}s"
   XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_autotune_level=0" timeout $((290 - SECONDS)) \
-    $PY -m vgg_jax.bench memory $MODEL_ARGS --dtype bfloat16 --batch $MEMORY_BATCHES --remat none convs blocks --budget_gb 80
+    $PY -m vgg_jax.bench memory $MODEL_ARGS --dtype bfloat16 --batch=${MEMORY_BATCHES// /,} --remat=none,convs,blocks --budget_gb 80
 else
   echo "== skipped the memory plan: ${SECONDS}s used"
 fi

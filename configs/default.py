@@ -1,8 +1,6 @@
 """Default config: the paper's training recipe (Sect. 3.1) for configuration D at S = 256.
 
-Every field the code reads is here, with its meaning. Experiments import this and override;
-the command line overrides any field (``--config.optimizer.learning_rate=1e-3``). The config is
-locked: a misspelt key is an error.
+Every field the code reads is here, with its meaning; docs/training.md
 """
 
 from __future__ import annotations
@@ -10,6 +8,7 @@ from __future__ import annotations
 import ml_collections
 
 from vgg_jax.data.config import default_data_config
+from vgg_jax.sharding import default_distributed_config
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -29,8 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.init_std = 0.01
     # What the backward pass keeps of each conv block (jax.checkpoint per block; same numbers):
     # none; convs (conv outputs, ReLU/BN/LRN recomputed: elementwise work); blocks (the pool
-    # outputs, each block's forward recomputed: one more forward pass). VGG-16 float32 on CPU:
-    # 72 MB per image with either, 122 without (docs/training.md).
+    # outputs, each block's forward recomputed: one more forward pass). Memory: docs/performance.md.
     config.model.remat = "none"
 
     # Input pipeline (vgg_jax/data/config.py documents every field). crop_size is the model's too.
@@ -92,11 +90,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.mesh = ml_collections.ConfigDict()
     config.mesh.model = 1
 
-    # jax.distributed.initialize() before anything else. With no address it auto-detects Cloud TPU
-    # pods and SLURM; set all three for a manual cluster (or localhost tests).
-    config.distributed = ml_collections.ConfigDict()
-    config.distributed.enabled = False
-    config.distributed.coordinator_address = ""
-    config.distributed.num_processes = 0
-    config.distributed.process_id = -1
+    # jax.distributed.initialize() before anything else (vgg_jax/sharding.py documents the fields).
+    config.distributed = default_distributed_config()
     return config

@@ -1,10 +1,7 @@
 """The README's main job: a reduced-width VGG-11 trained for a few minutes on the built-in dataset.
 
-The built-in ``vgg_jax_demo`` set (generated locally on first use, stored through TFDS) has
-ImageNet-like image sizes, so the paper's whole training transform runs: scale jittering, random
-crop, flip, PCA colour shift, mean subtraction. Sizes are scaled down (S in [112, 224], 96
-crops, evaluated at Q = 168, the middle of the jitter range as the paper's Q = 384 for S in
-[256, 512]) so that a 2-core CPU trains it in about four minutes.
+The paper's whole training transform at scaled-down sizes (S in [112, 224], 96 crops, Q = 168);
+docs/data.md#datasets
 """
 
 from __future__ import annotations

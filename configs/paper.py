@@ -1,18 +1,7 @@
 """The paper's ImageNet runs (Table 3): ``--config=configs/paper.py:NET,SCALE[,PLATFORM]``.
 
-NET: A, A-LRN, B, C, D, E (or vgg11, vgg11_lrn, vgg13, vgg16_c, vgg16, vgg19).
-SCALE: 256 or 384 (fixed S), or 256-512 (S jittered per image in [256, 512]).
-PLATFORM: cpu (default: float32), gpu or tpu (bfloat16 compute, float32 parameters).
-
-The paper's chain of runs (Sect. 3.1) is expressed with ``init_from``: S=384 starts from the S=256
-model at lr 1e-3; S in [256, 512] fine-tunes the S=384 model (lr 1e-3). B..E may start from a
-trained A (``staged_init_from``, with ``model.init_scheme=paper`` for the original procedure);
-without it they use Glorot init, which the paper notes works without pre-training.
-Examples:
-  python -m vgg_jax.main --config=configs/paper.py:A,256 --workdir=runs/A_256 \
-      --config.data.manual_dir=/data/imagenet
-  python -m vgg_jax.main --config=configs/paper.py:D,384,gpu --workdir=runs/D_384 \
-      --config.init_from=runs/D_256 --config.data.manual_dir=/data/imagenet
+NET: A, A-LRN, B, C, D, E; SCALE: 256, 384 or 256-512 (jittered); PLATFORM: cpu (float32), gpu or
+tpu (bfloat16 compute). The chain of runs (init_from, staged_init_from): docs/reproduction.md
 """
 
 from __future__ import annotations
@@ -28,9 +17,15 @@ EVAL_SCALE = {"256": 256, "384": 384, "256-512": 384}
 
 def get_config(arg: str = "D,256") -> ml_collections.ConfigDict:
     parts = arg.split(",")
-    if len(parts) not in (2, 3) or parts[1] not in EVAL_SCALE or (len(parts) == 3 and parts[2] not in ("cpu", "gpu", "tpu")):
-        raise ValueError(f"configs/paper.py takes NET,SCALE[,PLATFORM] with SCALE in {list(EVAL_SCALE)} and "
-                         f"PLATFORM in cpu, gpu, tpu; got {arg!r}.")
+    if (
+        len(parts) not in (2, 3)
+        or parts[1] not in EVAL_SCALE
+        or (len(parts) == 3 and parts[2] not in ("cpu", "gpu", "tpu"))
+    ):
+        raise ValueError(
+            f"configs/paper.py takes NET,SCALE[,PLATFORM] with SCALE in {list(EVAL_SCALE)} and "
+            f"PLATFORM in cpu, gpu, tpu; got {arg!r}."
+        )
     net, scale, platform = parts[0], parts[1], parts[2] if len(parts) == 3 else "cpu"
     config = default.get_config()
     config.model.name = canonical_name(net)

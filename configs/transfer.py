@@ -1,19 +1,6 @@
-"""Transfer learning: converted or trained VGG weights, a new fc8, your image folder.
+"""Transfer learning: ``--config=configs/transfer.py:MODEL,CONVENTION[,CROP] --config.init_from=CKPT``.
 
-``--config=configs/transfer.py:CKPT`` where CKPT is the starting checkpoint: a directory written by
-``python -m vgg_jax.convert`` (torchvision, Keras or Caffe weights), or a training workdir / step
-directory. Its meta sets the model (name, width, fc_width, crop size) and the input normalisation
-(mean_rgb, std_rgb), so the network sees pixels as it was trained on them::
-
-    python -m vgg_jax.convert --source=torchvision --model=vgg16 vgg16-397923af.pth /ckpt/vgg16_tv
-    python -m vgg_jax.main --config=configs/transfer.py:/ckpt/vgg16_tv --workdir=runs/pets \\
-        --config.data.folder=/data/pets      # /data/pets/{train,val}/<class>/*.jpg
-
-fc8 is replaced by a fresh layer for the folder's class count (``reset_head``). Only fc6, fc7 and
-fc8 train (``optimizer.trainable='fc[678]'``); the conv blocks stay frozen. Override with
-``--config.optimizer.trainable='.*'`` to fine-tune everything (lower the learning rate) or
-``'fc8'`` for a linear classifier on fc7 features. For ``*_bn`` models the frozen blocks' BN
-statistics still follow the new data (training runs BN in training mode).
+Converted or trained VGG weights, a new fc8, your image folder; docs/backbone.md#transfer-learning
 """
 
 from __future__ import annotations
@@ -21,30 +8,35 @@ from __future__ import annotations
 import ml_collections
 
 from configs import default
-from vgg_jax import checkpoints, convert
+from vgg_jax import preprocessing
 
 
-def get_config(init_from: str = "") -> ml_collections.ConfigDict:
-    if not init_from:
-        raise ValueError("configs/transfer.py needs the starting checkpoint: --config=configs/transfer.py:CKPT "
-                         "(a `python -m vgg_jax.convert` output directory or a training workdir).")
-    meta = checkpoints.read_meta(init_from)
-    model, data = meta["config"]["model"], meta["config"]["data"]
+def get_config(arg: str = "vgg16,torchvision") -> ml_collections.ConfigDict:
+    """MODEL: the checkpoint's network (vgg16, D, ...). CONVENTION: the input convention its weights
+    were trained with, one of ``vgg_jax.preprocessing.PRESETS`` (torchvision; caffe for Keras and Caffe
+    weights and for runs of this project). CROP: its crop size (default 224)."""
+    parts = arg.split(",")
+    if (
+        len(parts) not in (2, 3)
+        or parts[1] not in preprocessing.PRESETS
+        or (len(parts) == 3 and not parts[2].isdigit())
+    ):
+        raise ValueError(
+            f"configs/transfer.py takes MODEL,CONVENTION[,CROP] with CONVENTION in {sorted(preprocessing.PRESETS)}, "
+            f"e.g. configs/transfer.py:vgg16,torchvision; got {arg!r}."
+        )
+    name, convention = parts[0], preprocessing.PRESETS[parts[1]]
+    crop = int(parts[2]) if len(parts) == 3 else 224
 
     config = default.get_config()
-    config.init_from = init_from
-    config.reset_head = True
-    config.model.name = model["name"]
-    config.model.width = model["width"]
-    config.model.fc_width = model["fc_width"]
-    config.data.crop_size = data["crop_size"]
-    config.data.mean_rgb, config.data.std_rgb = convert.data_normalization(convert.checkpoint_preprocessing(meta))
-    if data.get("stats_path"):  # a training run whose mean came from `python -m vgg_jax.data.stats`
-        config.data.stats_path = data["stats_path"]
+    config.reset_head = True  # a fresh fc8 for the folder's classes; set --config.init_from=CKPT
+    config.model.name = name
+    config.data.crop_size = crop
+    config.data.update(convention.data_fields())
 
     config.data.dataset = "folder"  # set --config.data.folder=<root>
     # Fixed training scale S = crop * 8 / 7 (256 for 224 crops), random crop, flip, PCA colour shift.
-    scale = data["crop_size"] * 8 // 7
+    scale = crop * 8 // 7
     config.data.scale_min = config.data.scale_max = scale
     config.data.eval_scales = (scale,)
     config.data.shuffle_buffer = 2048

@@ -1,32 +1,29 @@
 """Launch a sweep (or a single run): locally in dependency order, on a Cloud TPU pod, or on SLURM.
 
-  python -m experiments.launch --sweep=paper --root=runs/paper --config.data.manual_dir=/data/imagenet
-  python -m experiments.launch --sweep=paper --nets=A,A-LRN,B --scales=256 --base_config=configs/demo.py
-  python -m experiments.launch --sweep=my_sweep.json --mode=slurm --nodes=2 --gpus_per_node=8
-  python -m experiments.launch --config=configs/paper.py:D,256,tpu --mode=tpu --tpu=pod --zone=us-central2-b \
-      --root=gs://bucket/runs
-
-Trailing ``--config.key=value`` flags apply to every run. Every mode writes ``<root>/sweep.json``
-(read by ``experiments.status`` and ``experiments.report``) and skips finished jobs, so rerunning
-the same command resumes a sweep. experiments/README.md has the details.
+``python -m experiments.launch --sweep=paper --root=runs/paper [--mode=tpu|slurm] [--config.x=...]``;
+experiments/README.md#launching
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import subprocess
 import sys
 import time
+import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from absl import flags
 
 if __package__ in (None, ""):  # `python experiments/launch.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments import slurm, status, sweeps, tpu  # noqa: E402
 from experiments.plan import Job, plan, write_manifest  # noqa: E402
+from vgg_jax import cli  # noqa: E402
+from vgg_jax.errors import UserError  # noqa: E402
 
 MODES = ("local", "tpu", "slurm")
 
@@ -63,73 +60,92 @@ def run_local(jobs: Sequence[Job], root: str, *, dry_run: bool = False, echo: Ca
         record(job, "start", command=job.command())
         started = time.time()
         with open(log, "a") as f:
-            code = subprocess.run([sys.executable, *job.args], cwd=sweeps.REPO, stdout=f,
-                                  stderr=subprocess.STDOUT).returncode
+            code = subprocess.run(
+                [sys.executable, *job.args], cwd=sweeps.REPO, stdout=f, stderr=subprocess.STDOUT
+            ).returncode
         seconds = round(time.time() - started, 1)
         if code != 0 or not is_done(job):
             record(job, "failed", seconds=seconds, exit_code=code)
             tail = "".join(log.read_text().splitlines(keepends=True)[-25:])
             why = f"exited with {code}" if code else "ended before its last step (stopped or preempted)"
-            raise SystemExit(f"{prefix} {why}; the end of {log}:\n{tail}\nFix it and rerun the same command: "
-                             "finished jobs are skipped and this one resumes from its last checkpoint.")
+            raise SystemExit(
+                f"{prefix} {why}; the end of {log}:\n{tail}\nFix it and rerun the same command: "
+                "finished jobs are skipped and this one resumes from its last checkpoint."
+            )
         record(job, "done", seconds=seconds)
         echo(f"{prefix}: done in {seconds:.0f} s")
 
 
-def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(prog="python -m experiments.launch", description=__doc__.split("\n\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], allow_abbrev=False,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    what = p.add_argument_group("what to run")
-    what.add_argument("--sweep", default="paper",
-                      help="'paper' (Table 3 with the evaluations of Tables 3-5) or a sweep JSON file")
-    what.add_argument("--config", help="one run of this config instead of a sweep, e.g. configs/paper.py:D,256,gpu")
-    what.add_argument("--name", help="the single run's name (default: from --config)")
-    what.add_argument("--nets", default=",".join(sweeps.NETS), help="paper sweep: configurations")
-    what.add_argument("--scales", default=",".join(sweeps.SCALES), help="paper sweep: training scales")
-    what.add_argument("--tables", default=",".join(sweeps.TABLES), help="paper sweep: evaluations ('' for none)")
-    what.add_argument("--staged", action="store_true", help="paper sweep: B..E start from the trained A (Sect. 3.1)")
-    what.add_argument("--platform", choices=("cpu", "gpu", "tpu"), help="paper sweep: configs/paper.py variant "
-                      "(default: tpu for --mode=tpu, else gpu)")
-    what.add_argument("--base_config", help="paper sweep on this config (e.g. configs/demo.py), scales x crop/224")
-    what.add_argument("--only", help="comma-separated job names: run these and what they depend on")
-    where = p.add_argument_group("where")
-    where.add_argument("--mode", choices=MODES, default="local")
-    where.add_argument("--root", help="directory (or gs:// URL) of the workdirs (default: runs/<sweep name>)")
-    where.add_argument("--scripts_dir", help="tpu/slurm: where the scripts go (default: <root>/<mode>)")
-    where.add_argument("--dry_run", action="store_true", help="print the commands only; write and submit nothing")
-    where.add_argument("--submit", action="store_true", help="tpu/slurm: also run run_all.sh / submit.sh")
-    where.add_argument("--repo_dir", help="tpu/slurm: the checkout on the workers (default: vgg_jax in the home "
-                       "directory for tpu, this checkout for slurm)")
-    where.add_argument("--setup", default="", help="tpu/slurm: shell run first, e.g. 'source venv/bin/activate'")
-    where.add_argument("--python", help="tpu/slurm: the interpreter on the workers (default: python3 / python)")
-    where.add_argument("--tpu", help="tpu: the TPU VM name")
-    where.add_argument("--zone", help="tpu: its zone")
-    where.add_argument("--project", default="", help="tpu: its project")
-    where.add_argument("--nodes", type=int, default=1, help="slurm: nodes per job")
-    where.add_argument("--gpus_per_node", type=int, default=8, help="slurm: GPUs per node")
-    where.add_argument("--per", choices=("gpu", "node"), default="gpu", help="slurm: a process per GPU or per node")
-    where.add_argument("--time", default="3-00:00:00", help="slurm: time limit per job (jobs requeue to continue)")
-    where.add_argument("--partition", default="")
-    where.add_argument("--account", default="")
-    where.add_argument("--cpus_per_task", type=int, default=0, help="slurm: CPUs per process (0: cluster default)")
-    where.add_argument("--sbatch", action="append", default=[], help="slurm: extra sbatch option (repeatable)")
-    args, rest = p.parse_known_args(argv)
-    bad = [r for r in rest if not r.startswith("--config.")]
-    if bad:
-        p.error(f"unrecognised arguments {bad}: config overrides look like --config.key=value")
+def define_flags(values: flags.FlagValues, argv: list[str]) -> None:
+    def string(name: str, default: str | None, help_: str) -> None:
+        flags.DEFINE_string(name, default, help_, flag_values=values)
+
+    # What to run.
+    string("sweep", "paper", "'paper' (Table 3 with the evaluations of Tables 3-5) or a sweep JSON file.")
+    string("config", None, "One run of this config instead of a sweep, e.g. configs/paper.py:D,256,gpu.")
+    string("name", None, "The single run's name (default: from --config).")
+    string("nets", ",".join(sweeps.NETS), "Paper sweep: configurations.")
+    string("scales", ",".join(sweeps.SCALES), "Paper sweep: training scales.")
+    string("tables", ",".join(sweeps.TABLES), "Paper sweep: evaluations ('' for none).")
+    flags.DEFINE_bool("staged", False, "Paper sweep: B..E start from the trained A (Sect. 3.1).", flag_values=values)
+    flags.DEFINE_enum(
+        "platform",
+        None,
+        ["cpu", "gpu", "tpu"],
+        "Paper sweep: configs/paper.py variant (default: tpu for --mode=tpu, else gpu).",
+        flag_values=values,
+    )
+    string("base_config", None, "Paper sweep on this config (e.g. configs/demo.py), scales x crop/224.")
+    string("only", None, "Comma-separated job names: run these and what they depend on.")
+    # Where.
+    flags.DEFINE_enum("mode", "local", list(MODES), "Where the jobs run.", flag_values=values)
+    string("root", None, "Directory (or gs:// URL) of the workdirs (default: runs/<sweep name>).")
+    string("scripts_dir", None, "tpu/slurm: where the scripts go (default: <root>/<mode>).")
+    flags.DEFINE_bool("dry_run", False, "Print the commands only; write and submit nothing.", flag_values=values)
+    flags.DEFINE_bool("submit", False, "tpu/slurm: also run run_all.sh / submit.sh.", flag_values=values)
+    string(
+        "repo_dir",
+        None,
+        "tpu/slurm: the checkout on the workers (default: vgg_jax in the home directory for "
+        "tpu, this checkout for slurm).",
+    )
+    string("setup", "", "tpu/slurm: shell run first, e.g. 'source venv/bin/activate'.")
+    string("python", None, "tpu/slurm: the interpreter on the workers (default: python3 / python).")
+    string("tpu", None, "tpu: the TPU VM name.")
+    string("zone", None, "tpu: its zone.")
+    string("project", "", "tpu: its project.")
+    flags.DEFINE_integer("nodes", 1, "slurm: nodes per job.", flag_values=values)
+    flags.DEFINE_integer("gpus_per_node", 8, "slurm: GPUs per node.", flag_values=values)
+    flags.DEFINE_enum("per", "gpu", ["gpu", "node"], "slurm: a process per GPU or per node.", flag_values=values)
+    string("time", "3-00:00:00", "slurm: time limit per job (jobs requeue to continue).")
+    string("partition", "", "slurm: partition.")
+    string("account", "", "slurm: account.")
+    flags.DEFINE_integer("cpus_per_task", 0, "slurm: CPUs per process (0: cluster default).", flag_values=values)
+    flags.DEFINE_multi_string("sbatch", [], "slurm: extra sbatch option (repeatable).", flag_values=values)
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[types.SimpleNamespace, list[str]]:
+    """The launcher's flags, and the ``--config.key=value`` overrides that apply to every run."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    overrides = [a for a in argv if a.startswith("--config.")]
+    values, rest = cli.parse(
+        [a for a in argv if not a.startswith("--config.")], define_flags, "python -m experiments.launch", __doc__
+    )
+    if rest:
+        cli.fail(f"unexpected arguments {rest}: config overrides look like --config.key=value.")
+    args = types.SimpleNamespace(**values.flag_values_dict())
     if args.base_config and args.platform:
-        p.error("--platform picks a configs/paper.py variant; with --base_config set --config.model.dtype instead")
+        cli.fail("--platform picks a configs/paper.py variant; with --base_config set --config.model.dtype instead.")
     if args.mode == "tpu" and not (args.tpu and args.zone):
-        p.error("--mode=tpu needs --tpu=NAME and --zone=ZONE")
-    return args, rest
+        cli.fail("--mode=tpu needs --tpu=NAME and --zone=ZONE.")
+    return args, overrides
 
 
 def _split(text: str) -> list[str]:
     return [t for t in text.split(",") if t]
 
 
-def build_sweep(args: argparse.Namespace, overrides: Sequence[str]) -> sweeps.Sweep:
+def build_sweep(args: types.SimpleNamespace, overrides: Sequence[str]) -> sweeps.Sweep:
     if args.config:
         path, _, arg = args.config.partition(":")
         name = args.name or "-".join([Path(path).stem, *_split(arg)])
@@ -156,10 +172,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         launch(args, overrides)
     except ValueError as e:  # a bad sweep, config or option: the message says what to fix
-        raise SystemExit(f"error: {e}") from e
+        raise UserError(str(e)) from e
 
 
-def launch(args: argparse.Namespace, overrides: Sequence[str]) -> None:
+def launch(args: types.SimpleNamespace, overrides: Sequence[str]) -> None:
     sweep = build_sweep(args, overrides)
     root = args.root or f"runs/{sweep.name}"
     remote = "://" in root
@@ -191,9 +207,10 @@ def launch(args: argparse.Namespace, overrides: Sequence[str]) -> None:
         write_slurm(args, sweep.name, todo, scripts)
 
 
-def write_tpu(args: argparse.Namespace, jobs: Sequence[Job], scripts: Path) -> None:
-    opts = tpu.TpuOptions(args.tpu, args.zone, args.project, args.repo_dir or "vgg_jax", args.setup,
-                          args.python or "python3")
+def write_tpu(args: types.SimpleNamespace, jobs: Sequence[Job], scripts: Path) -> None:
+    opts = tpu.TpuOptions(
+        args.tpu, args.zone, args.project, args.repo_dir or "vgg_jax", args.setup, args.python or "python3"
+    )
     script, commands = tpu.write(jobs, opts, scripts)
     print("\n".join(commands))
     print(f"Wrote {script} (the commands above, in order).")
@@ -202,10 +219,20 @@ def write_tpu(args: argparse.Namespace, jobs: Sequence[Job], scripts: Path) -> N
         subprocess.run(["bash", str(script)], check=True)
 
 
-def write_slurm(args: argparse.Namespace, sweep: str, jobs: Sequence[Job], scripts: Path) -> None:
+def write_slurm(args: types.SimpleNamespace, sweep: str, jobs: Sequence[Job], scripts: Path) -> None:
     opts = slurm.SlurmOptions(
-        args.repo_dir or str(sweeps.REPO), args.nodes, args.gpus_per_node, args.per, args.time, args.partition,
-        args.account, args.cpus_per_task, tuple(args.sbatch), args.setup, args.python or "python")
+        args.repo_dir or str(sweeps.REPO),
+        args.nodes,
+        args.gpus_per_node,
+        args.per,
+        args.time,
+        args.partition,
+        args.account,
+        args.cpus_per_task,
+        tuple(args.sbatch),
+        args.setup,
+        args.python or "python",
+    )
     submit = slurm.write(jobs, opts, sweep, scripts)
     print(submit.read_text())
     print(f"Wrote {len(jobs)} sbatch scripts and {submit}.")
@@ -215,4 +242,4 @@ def write_slurm(args: argparse.Namespace, sweep: str, jobs: Sequence[Job], scrip
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

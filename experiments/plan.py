@@ -1,8 +1,6 @@
 """A sweep turned into jobs: the exact command of each run and evaluation, and its completion check.
 
-Every config is resolved here (as ``vgg_jax.main`` would), so a misspelt override fails before
-anything starts. ``write_manifest`` stores the sweep and its jobs in ``<root>/sweep.json``; the
-status tool and the report read it back.
+experiments/README.md#layout-of-a-sweep-root
 """
 
 from __future__ import annotations
@@ -56,15 +54,28 @@ def run_job(run: Run, root: str, distributed: bool) -> Job:
     workdir = join(root, run.name)
     links = [f"--config.init_from={join(root, run.init_from)}"] if run.init_from else []
     links += [f"--config.staged_init_from={join(root, run.staged_init_from)}"] if run.staged_init_from else []
-    args = ("-m", "vgg_jax.main", f"--config={run.config}", f"--workdir={workdir}", *run.overrides, *links,
-            *(["--config.distributed.enabled=True"] if distributed else []))
+    args = (
+        "-m",
+        "vgg_jax.main",
+        f"--config={run.config}",
+        f"--workdir={workdir}",
+        *run.overrides,
+        *links,
+        *(["--config.distributed.enabled=True"] if distributed else []),
+    )
     steps = int(config.num_train_steps)
     facts = dict(
-        net=run.net, scale=run.scale, config=run.config, overrides=list(run.overrides),
+        net=run.net,
+        scale=run.scale,
+        config=run.config,
+        overrides=list(run.overrides),
         model=canonical_name(config.model.name),
-        scale_min=int(config.data.scale_min), scale_max=int(config.data.scale_max),
-        eval_scales=[int(q) for q in config.data.eval_scales], global_batch_size=int(config.global_batch_size),
-        num_train_steps=steps, dataset=config.data.dataset,
+        scale_min=int(config.data.scale_min),
+        scale_max=int(config.data.scale_max),
+        eval_scales=[int(q) for q in config.data.eval_scales],
+        global_batch_size=int(config.global_batch_size),
+        num_train_steps=steps,
+        dataset=config.data.dataset,
     )
     check = ("-m", "experiments.status", f"--run={workdir}", f"--steps={steps}")
     return Job(run.name, "train", args, check, run.after, workdir, facts)
@@ -72,9 +83,15 @@ def run_job(run: Run, root: str, distributed: bool) -> Job:
 
 def eval_job(ev: Eval, root: str, distributed: bool) -> Job:
     out = join(root, EVALS_DIR, ev.name)
-    args = ("-m", "vgg_jax.evaluate", *(f"--workdir={join(root, r)}" for r in ev.runs), f"--protocol={ev.protocol}",
-            *([f"--scales={ev.scales}"] if ev.scales else []), f"--out={out}",
-            *(["--distributed"] if distributed else []))
+    args = (
+        "-m",
+        "vgg_jax.evaluate",
+        *(f"--checkpoint={join(root, r)}" for r in ev.runs),
+        f"--protocol={ev.protocol}",
+        *([f"--scales={ev.scales}"] if ev.scales else []),
+        f"--out={out}",
+        *(["--distributed.enabled=True"] if distributed else []),
+    )
     check = ("-m", "experiments.status", f"--eval={out}", f"--protocol={ev.protocol}")
     facts = dict(runs=list(ev.runs), protocol=ev.protocol, scales=ev.scales, table=ev.table)
     return Job(ev.name, "eval", args, check, ev.after, out, facts)
@@ -87,8 +104,7 @@ def plan(sweep: Sweep, root: str, *, distributed: bool = False) -> list[Job]:
     (auto-detected on Cloud TPU pods and under SLURM).
     """
     return [
-        run_job(j, root, distributed) if isinstance(j, Run) else eval_job(j, root, distributed)
-        for j in sweep.ordered()
+        run_job(j, root, distributed) if isinstance(j, Run) else eval_job(j, root, distributed) for j in sweep.ordered()
     ]
 
 
@@ -104,8 +120,11 @@ def write_manifest(sweep: Sweep, jobs: Sequence[Job], root: str) -> epath.Path:
         if path.exists():
             old_sweep, old_jobs = read_manifest(root)
             new = {j.name for j in jobs}
-            sweep = Sweep(sweep.name, (*(r for r in old_sweep.runs if r.name not in new), *sweep.runs),
-                          (*(e for e in old_sweep.evals if e.name not in new), *sweep.evals))
+            sweep = Sweep(
+                sweep.name,
+                (*(r for r in old_sweep.runs if r.name not in new), *sweep.runs),
+                (*(e for e in old_sweep.evals if e.name not in new), *sweep.evals),
+            )
             jobs = [*(j for j in old_jobs if j.name not in new), *jobs]
     except OSError as e:
         raise ValueError(f"Cannot write {path}: {e}") from e
@@ -115,6 +134,8 @@ def write_manifest(sweep: Sweep, jobs: Sequence[Job], root: str) -> epath.Path:
 
 def read_manifest(root: str) -> tuple[Sweep, list[Job]]:
     record = json.loads((epath.Path(root) / MANIFEST).read_text())
-    jobs = [Job(**{**j, "args": tuple(j["args"]), "check": tuple(j["check"]), "after": tuple(j["after"])})
-            for j in record["jobs"]]
+    jobs = [
+        Job(**{**j, "args": tuple(j["args"]), "check": tuple(j["check"]), "after": tuple(j["after"])})
+        for j in record["jobs"]
+    ]
     return Sweep.from_dict(record["sweep"]), jobs

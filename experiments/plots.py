@@ -92,17 +92,26 @@ def error_vs_depth(points: Sequence[Point]) -> Figure | None:
     for ax, metric in zip(axes, ("top1", "top5")):
         for scale in (s for s in SCALES if any(p.scale == s for p in points)):
             mine = sorted((p for p in points if p.scale == scale), key=lambda p: x_of[p.net])
-            ax.plot([x_of[p.net] for p in mine], [getattr(p, metric) for p in mine], "o-", color=COLOURS[scale],
-                    label=SCALE_LABELS[scale])
-            published = [(x_of[p.net], getattr(p, f"paper_{metric}")) for p in mine
-                         if getattr(p, f"paper_{metric}") is not None]
+            ax.plot(
+                [x_of[p.net] for p in mine],
+                [getattr(p, metric) for p in mine],
+                "o-",
+                color=COLOURS[scale],
+                label=SCALE_LABELS[scale],
+            )
+            published = [
+                (x_of[p.net], getattr(p, f"paper_{metric}")) for p in mine if getattr(p, f"paper_{metric}") is not None
+            ]
             if published:
                 ax.plot(*zip(*published), "^--", color=COLOURS[scale], markerfacecolor="none")
         _paper_legend(ax)
         depth = {p.net: p.depth for p in points}
         ax.set_xticks(range(len(nets)), [f"{n}\n({depth[n]} layers)" for n in nets])
-        ax.set(title=f"{'top-1' if metric == 'top1' else 'top-5'} error vs depth", xlabel="configuration",
-               ylabel="validation error (%)")
+        ax.set(
+            title=f"{'top-1' if metric == 'top1' else 'top-5'} error vs depth",
+            xlabel="configuration",
+            ylabel="validation error (%)",
+        )
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -163,8 +172,11 @@ def fixed_vs_jittered(points: Sequence[Point]) -> Figure | None:
                 if paper is not None:
                     ax.plot([x - width / 2, x + width / 2], [paper, paper], "k-", linewidth=2.5)
         ax.set_xticks(range(len(nets)), nets)
-        ax.set(title=f"{'top-1' if metric == 'top1' else 'top-5'} error", xlabel="configuration",
-               ylabel="validation error (%)")
+        ax.set(
+            title=f"{'top-1' if metric == 'top1' else 'top-5'} error",
+            xlabel="configuration",
+            ylabel="validation error (%)",
+        )
         ax.grid(axis="y", alpha=0.3)
     handles = [Patch(color=COLOURS[s], label=SCALE_LABELS[s]) for s in scales]
     handles.append(plt.Line2D([], [], color="k", linewidth=2.5, label="paper"))

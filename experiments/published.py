@@ -1,6 +1,7 @@
 """Published top-1 / top-5 validation errors (%) that the reports put next to ours.
 
-Simonyan & Zisserman, ICLR 2015 (arXiv:1409.1556), as collected in the project's REFERENCE.md.
+Simonyan & Zisserman, ICLR 2015 (arXiv:1409.1556), Tables 3-5; torchvision's retrained weights' published
+accuracies (https://pytorch.org/vision/stable/models/vgg.html).
 Keys use the paper's configuration letters and training-scale labels ('256', '384', '256-512').
 """
 

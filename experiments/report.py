@@ -1,24 +1,16 @@
 """Paper-style report of a sweep: ``python -m experiments.report ROOT [--out=DIR]``.
 
-Writes ``DIR/report.md`` (default ``ROOT/report``): every run with its state and throughput; the
-paper's Tables 3, 4 and 5 and the ensemble with our top-1 / top-5 validation errors next to the
-published ones (experiments/published.py); our centre-crop errors next to torchvision's
-retrained weights; and PNG figures: training curves per run, error against depth, LRN against no
-LRN, fixed against jittered training scale.
-
-Table 3's "ours" is the dense evaluation at the single test scale when the sweep ran it (its
-``-dense`` evaluation), otherwise the centre-crop evaluation made at the end of training; the
-"measured by" column says which.
+experiments/README.md#reports
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+from absl import flags
 from etils import epath
 
 if __package__ in (None, ""):  # `python experiments/report.py`
@@ -26,6 +18,8 @@ if __package__ in (None, ""):  # `python experiments/report.py`
 
 from experiments import plots, published, status  # noqa: E402
 from experiments.results import EvalResult, Results, RunResult, collect  # noqa: E402
+from vgg_jax import cli  # noqa: E402
+from vgg_jax.data.config import train_scale as scale_label  # noqa: E402
 
 NA = "–"
 
@@ -46,8 +40,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def train_scale(facts: dict) -> str:
-    lo, hi = facts["scale_min"], facts["scale_max"]
-    return str(lo) if lo == hi else f"[{lo};{hi}]"
+    return scale_label(facts["scale_min"], facts["scale_max"])
 
 
 def depth(net: str) -> int:
@@ -62,12 +55,19 @@ def runs_table(results: Results) -> str:
     for r in results.runs:
         centre = r.centre_crop()
         rate = r.images_per_second()
-        rows.append([
-            r.name, r.facts["model"], train_scale(r.facts),
-            status.describe(dict(kind="train", path=r.path, facts=r.facts)),
-            duration(r.summary["train_seconds"]) if r.summary else NA, _f(rate, 0),
-            str(centre[0]) if centre else NA, _f(centre[1]) if centre else NA, _f(centre[2]) if centre else NA,
-        ])
+        rows.append(
+            [
+                r.name,
+                r.facts["model"],
+                train_scale(r.facts),
+                status.describe(dict(kind="train", path=r.path, facts=r.facts)),
+                duration(r.summary["train_seconds"]) if r.summary else NA,
+                _f(rate, 0),
+                str(centre[0]) if centre else NA,
+                _f(centre[1]) if centre else NA,
+                _f(centre[2]) if centre else NA,
+            ]
+        )
     header = ["run", "model", "train S", "state", "train time", "img/s", "Q", "top-1 (centre)", "top-5 (centre)"]
     return _table(header, rows)
 
@@ -95,8 +95,15 @@ def table3_rows(results: Results) -> list[Table3Row]:
         else:
             continue
         paper = published.TABLE3.get((r.facts["net"], r.facts["scale"]))
-        point = plots.Point(r.facts["net"], r.facts["scale"], depth(r.facts["net"]), top1, top5,
-                            paper[1] if paper else None, paper[2] if paper else None)
+        point = plots.Point(
+            r.facts["net"],
+            r.facts["scale"],
+            depth(r.facts["net"]),
+            top1,
+            top5,
+            paper[1] if paper else None,
+            paper[2] if paper else None,
+        )
         out.append(Table3Row(r, how, str(q), point))
     return out
 
@@ -106,10 +113,32 @@ def table3(rows: Sequence[Table3Row]) -> str:
     for row in rows:
         p = row.point
         paper = published.TABLE3.get((p.net, p.scale))
-        body.append([p.net, row.run.name, train_scale(row.run.facts), row.test_scales, _f(p.top1), _f(p.top5),
-                     _f(p.paper_top1, 1), _f(p.paper_top5, 1), str(paper[0]) if paper else NA, row.measured_by])
-    header = ["ConvNet", "run", "train S", "test Q", "top-1 (ours)", "top-5 (ours)", "top-1 (paper)",
-              "top-5 (paper)", "paper Q", "measured by"]
+        body.append(
+            [
+                p.net,
+                row.run.name,
+                train_scale(row.run.facts),
+                row.test_scales,
+                _f(p.top1),
+                _f(p.top5),
+                _f(p.paper_top1, 1),
+                _f(p.paper_top5, 1),
+                str(paper[0]) if paper else NA,
+                row.measured_by,
+            ]
+        )
+    header = [
+        "ConvNet",
+        "run",
+        "train S",
+        "test Q",
+        "top-1 (ours)",
+        "top-5 (ours)",
+        "top-1 (paper)",
+        "top-5 (paper)",
+        "paper Q",
+        "measured by",
+    ]
     return _table(header, body)
 
 
@@ -121,17 +150,35 @@ def _eval_rows(results: Results, evals: Sequence[EvalResult]) -> list[list[str]]
         scale = runs[0].facts.get("scale", "") if len(runs) == 1 and runs[0] else ""
         paper = published.MULTI_SCALE.get((net, scale, e.facts["protocol"]))
         errors = e.errors()
-        rows.append([
-            net, e.name, ", ".join(train_scale(r.facts) for r in runs if r),
-            ",".join(map(str, e.test_scales())) or NA,
-            e.facts["protocol"], _f(errors[0]) if errors else "not run", _f(errors[1]) if errors else NA,
-            _f(paper[0], 1) if paper else NA, _f(paper[1], 1) if paper else NA, str(errors[2]) if errors else NA,
-        ])
+        rows.append(
+            [
+                net,
+                e.name,
+                ", ".join(train_scale(r.facts) for r in runs if r),
+                ",".join(map(str, e.test_scales())) or NA,
+                e.facts["protocol"],
+                _f(errors[0]) if errors else "not run",
+                _f(errors[1]) if errors else NA,
+                _f(paper[0], 1) if paper else NA,
+                _f(paper[1], 1) if paper else NA,
+                str(errors[2]) if errors else NA,
+            ]
+        )
     return rows
 
 
-EVAL_HEADER = ["ConvNet", "evaluation", "train S", "test Q", "method", "top-1 (ours)", "top-5 (ours)",
-               "top-1 (paper)", "top-5 (paper)", "images"]
+EVAL_HEADER = [
+    "ConvNet",
+    "evaluation",
+    "train S",
+    "test Q",
+    "method",
+    "top-1 (ours)",
+    "top-5 (ours)",
+    "top-1 (paper)",
+    "top-5 (paper)",
+    "images",
+]
 
 
 def torchvision_table(results: Results) -> str | None:
@@ -140,8 +187,9 @@ def torchvision_table(results: Results) -> str | None:
         reference = published.TORCHVISION_CENTRE_CROP.get(r.facts["model"].lower())
         centre = r.centre_crop()
         if reference and centre and r.facts.get("scale") == "256":
-            rows.append([r.name, r.facts["model"], centre[0], _f(centre[1]), _f(centre[2]), _f(reference[0]),
-                         _f(reference[1])])
+            rows.append(
+                [r.name, r.facts["model"], centre[0], _f(centre[1]), _f(centre[2]), _f(reference[0]), _f(reference[1])]
+            )
     if not rows:
         return None
     header = ["run", "model", "Q", "top-1 (ours)", "top-5 (ours)", "top-1 (torchvision)", "top-5 (torchvision)"]
@@ -164,10 +212,17 @@ def write_report(root: str, out: str | None = None) -> epath.Path:
     points = [row.point for row in t3]
     sections = [f"# Sweep {results.name!r}", f"Workdirs under `{root}`.", "## Runs", runs_table(results)]
     if t3:
-        sections += ["## Table 3: single test scale (top-1 / top-5 validation error, %)",
-                     "Paper: Q = S for fixed S, Q = 384 for S in [256, 512].", table3(t3)]
-    titles = {"4": "## Table 4: multiple test scales", "5": "## Table 5: dense, multi-crop, and both",
-              "ensemble": "## Ensembles", "": "## Other evaluations"}
+        sections += [
+            "## Table 3: single test scale (top-1 / top-5 validation error, %)",
+            "Paper: Q = S for fixed S, Q = 384 for S in [256, 512].",
+            table3(t3),
+        ]
+    titles = {
+        "4": "## Table 4: multiple test scales",
+        "5": "## Table 5: dense, multi-crop, and both",
+        "ensemble": "## Ensembles",
+        "": "## Other evaluations",
+    }
     for table, title in titles.items():
         chosen = [e for e in results.evals if e.facts["table"] == table]
         if table == "5":  # the paper's Table 5 repeats the dense multi-scale result of each model
@@ -177,8 +232,11 @@ def write_report(root: str, out: str | None = None) -> epath.Path:
             sections += [title, _table(EVAL_HEADER, _eval_rows(results, chosen))]
     tv = torchvision_table(results)
     if tv:
-        sections += ["## Centre crop vs torchvision's retrained weights (centre crop at Q, top-1 / top-5 error %)",
-                     "torchvision: the 224 crop of the image rescaled to 256.", tv]
+        sections += [
+            "## Centre crop vs torchvision's retrained weights (centre crop at Q, top-1 / top-5 error %)",
+            "torchvision: the 224 crop of the image rescaled to 256.",
+            tv,
+        ]
 
     for r in results.runs:
         save(plots.training_curves(r.name, r.scalars), f"curves_{r.name}.png", f"training curves of {r.name}")
@@ -191,17 +249,21 @@ def write_report(root: str, out: str | None = None) -> epath.Path:
     return report
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m experiments.report", description=__doc__.split("\n\n")[0])
-    p.add_argument("root", help="the sweep root (the launcher's --root), or any directory of training workdirs")
-    p.add_argument("--out", help="output directory (default: ROOT/report)")
-    args = p.parse_args(argv)
-    if not epath.Path(args.root).is_dir():
-        p.error(f"{args.root} is not a directory")
-    report = write_report(args.root, args.out)
+def define_flags(values: flags.FlagValues, argv: list[str]) -> None:
+    flags.DEFINE_string("out", None, "Output directory (default: ROOT/report).", flag_values=values)
+
+
+def main(argv: Sequence[str] | None = None) -> epath.Path:
+    """``python -m experiments.report ROOT [--out=DIR]``: ROOT is the sweep root (the launcher's --root),
+    or any directory of training workdirs."""
+    values, rest = cli.parse(argv, define_flags, "python -m experiments.report", main.__doc__)
+    if len(rest) != 1 or not epath.Path(rest[0]).is_dir():
+        cli.fail(f"give one sweep ROOT directory; got {rest}.")
+    report = write_report(rest[0], values.out)
     print(report.read_text())
     print(f"Wrote {report} and its figures.", file=sys.stderr)
+    return report
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -1,9 +1,6 @@
 """Reads what a sweep produced: each run's summary and TensorBoard scalars, each evaluation's JSON.
 
-The jobs come from ``<root>/sweep.json`` (written by the launcher). Without one, every directory
-under the root holding a training run (a ``checkpoints`` directory) is a run, described
-by its checkpoint's config, and every ``<root>/evals/*`` holding a ``vgg_jax.evaluate`` JSON is an
-evaluation.
+experiments/README.md#reports
 """
 
 from __future__ import annotations
@@ -111,8 +108,12 @@ def _run_facts(workdir: epath.Path) -> dict[str, Any]:
     return dict(
         net=letters.get(models.canonical_name(config["model"]["name"]), ""),
         scale=str(lo) if lo == hi else f"{lo}-{hi}",
-        model=config["model"]["name"], scale_min=lo, scale_max=hi, eval_scales=[int(q) for q in data["eval_scales"]],
-        global_batch_size=int(config["global_batch_size"]), num_train_steps=int(config["num_train_steps"]),
+        model=config["model"]["name"],
+        scale_min=lo,
+        scale_max=hi,
+        eval_scales=[int(q) for q in data["eval_scales"]],
+        global_batch_size=int(config["global_batch_size"]),
+        num_train_steps=int(config["num_train_steps"]),
         dataset=data["dataset"],
     )
 

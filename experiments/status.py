@@ -1,20 +1,18 @@
 """Is a job finished? ``python -m experiments.status ROOT`` prints every job of a launched sweep.
 
-The launchers' generated commands run ``python -m experiments.status --run=WORKDIR --steps=N`` (or
-``--eval=OUT --protocol=P``) first and skip the job when it exits 0, so every script can be rerun
-after a failure or preemption: finished jobs are skipped and unfinished runs resume from their
-checkpoints. A run is finished when its ``results.json`` reports ``step >= num_train_steps`` (a
-preempted run also writes one, at an earlier step); an evaluation when its JSON result exists.
+experiments/README.md#layout-of-a-sweep-root
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Sequence
 
+from absl import flags
 from etils import epath
+
+from vgg_jax import cli
 
 
 def run_step(workdir: str) -> int:
@@ -60,27 +58,31 @@ def describe(job: dict) -> str:
     return "done" if eval_done(job["path"], job["facts"]["protocol"]) else "pending"
 
 
+def define_flags(values: flags.FlagValues, argv: list[str]) -> None:
+    flags.DEFINE_string("run", None, "A run's workdir: exit 0 when it reached --steps.", flag_values=values)
+    flags.DEFINE_integer("steps", None, "The run's num_train_steps.", flag_values=values)
+    flags.DEFINE_string(
+        "eval", None, "An evaluation's output directory: exit 0 when it holds a result.", flag_values=values
+    )
+    flags.DEFINE_string("protocol", None, "The evaluation's protocol.", flag_values=values)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.status", description=__doc__.split("\n\n")[0])
-    p.add_argument("root", nargs="?", help="a sweep root (with sweep.json): print the state of every job")
-    p.add_argument("--run", help="a run's workdir: exit 0 when it reached --steps")
-    p.add_argument("--steps", type=int, help="the run's num_train_steps")
-    p.add_argument("--eval", help="an evaluation's output directory: exit 0 when it holds a result")
-    p.add_argument("--protocol", help="the evaluation's protocol")
-    args = p.parse_args(argv)
-    if args.run:
-        if args.steps is None:
-            p.error("--run needs --steps")
-        return 0 if run_done(args.run, args.steps) else 1
-    if args.eval:
-        if not args.protocol:
-            p.error("--eval needs --protocol")
-        return 0 if eval_done(args.eval, args.protocol) else 1
-    if not args.root:
-        p.error("give a sweep ROOT, --run=WORKDIR --steps=N, or --eval=OUT --protocol=P")
-    manifest = epath.Path(args.root) / "sweep.json"
+    """``python -m experiments.status ROOT`` prints every job of a sweep; ``--run``/``--eval`` test one job."""
+    values, rest = cli.parse(argv, define_flags, "python -m experiments.status", main.__doc__)
+    if values.run:
+        if values.steps is None:
+            cli.fail("--run needs --steps=N (the run's num_train_steps).")
+        return 0 if run_done(values.run, values.steps) else 1
+    if values.eval:
+        if not values.protocol:
+            cli.fail("--eval needs --protocol=P.")
+        return 0 if eval_done(values.eval, values.protocol) else 1
+    if len(rest) != 1:
+        cli.fail("give a sweep ROOT, --run=WORKDIR --steps=N, or --eval=OUT --protocol=P.")
+    manifest = epath.Path(rest[0]) / "sweep.json"
     if not manifest.exists():
-        p.error(f"{manifest} not found: ROOT must be the --root of `python -m experiments.launch`.")
+        cli.fail(f"{manifest} not found: ROOT must be the --root of `python -m experiments.launch`.")
     jobs = json.loads(manifest.read_text())["jobs"]
     width = max(len(j["name"]) for j in jobs)
     for job in jobs:

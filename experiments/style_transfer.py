@@ -1,37 +1,24 @@
 """Neural style transfer (Gatys, Ecker & Bethge, CVPR 2016) with VGG-19 features.
 
-The image itself is optimised with Adam (pixels in [0, 1], starting from the content image) to
-match the content image's features at ``relu4_2`` and the style image's Gram matrices at
-``relu1_1`` ... ``relu5_1`` (losses: ``vgg_jax.losses``, normalised as in Johnson et al. 2016),
-plus an optional total-variation prior. Images are normalised as the checkpoint's ``preprocessing``
-says, so torchvision, Keras and Caffe weights all work::
-
-    python -m vgg_jax.convert --source=torchvision --model=vgg19 vgg19-dcbb9e9d.pth /tmp/vgg19
-    python experiments/style_transfer.py --weights=/tmp/vgg19 --content=photo.jpg --style=painting.jpg \\
-        --out=stylised.png [--size=384 --steps=300]
-
-Default weights follow the PyTorch neural-style tutorial (content 1, style 1e6 on Gram MSEs, i.e.
-``1e6 / C_l^2`` per layer here, where the style loss sums over the C x C Gram entries); they suit
-torchvision's [0, 1]-scaled input. Caffe/Keras weights see 0..255 input, whose features are
-~50x larger: lower ``--style_weight`` by about 1e3 for them. Images need sides of at least the
-model's crop size (224). Prints a JSON summary (losses before and after) as its last line.
+``python -m experiments.style_transfer --weights=CKPT --content=photo.jpg --style=painting.jpg --out=x.png``;
+docs/backbone.md#style-transfer
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import flags
 from PIL import Image
 
-from vgg_jax import convert, losses, models
-from vgg_jax.load import restore_model
+from vgg_jax import checkpoints, cli, losses, models, preprocessing
+from vgg_jax.errors import UserError
 
 CONTENT_LAYERS = ("relu4_2",)
 STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
@@ -54,7 +41,7 @@ def style_layer_weights(model: models.VGG, style_weight: float) -> dict[str, flo
 def stylize(
     model: models.VGG,
     variables: Mapping[str, Any],
-    preprocessing: Mapping[str, Any],
+    convention: preprocessing.InputConvention,
     content: np.ndarray,
     style: np.ndarray,
     *,
@@ -70,7 +57,7 @@ def stylize(
     layers = [*CONTENT_LAYERS, *STYLE_LAYERS]
 
     def features(image: jax.Array) -> dict[str, jax.Array]:
-        return models.extract_features(model, variables, convert.normalize(image * 255.0, preprocessing), layers)
+        return models.extract_features(model, variables, convention.normalize(image * 255.0), layers)
 
     jitted_features = jax.jit(features)
     content_targets = jitted_features(jnp.asarray(content))
@@ -78,9 +65,11 @@ def stylize(
 
     def loss_fn(image: jax.Array) -> jax.Array:
         f = features(image)
-        return (losses.feature_reconstruction_loss(f, content_targets, content_weights)
-                + losses.style_loss(f, style_grams, style_weights)
-                + tv_weight * losses.total_variation(image))
+        return (
+            losses.feature_reconstruction_loss(f, content_targets, content_weights)
+            + losses.style_loss(f, style_grams, style_weights)
+            + tv_weight * losses.total_variation(image)
+        )
 
     optimizer = optax.adam(learning_rate)
 
@@ -100,31 +89,47 @@ def stylize(
     return np.asarray(image), history
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--weights", required=True, help="converted VGG-19 checkpoint (python -m vgg_jax.convert)")
-    parser.add_argument("--content", required=True)
-    parser.add_argument("--style", required=True)
-    parser.add_argument("--out", required=True, help="output image (.png, .jpg)")
-    parser.add_argument("--size", type=int, default=384, help="shorter side of both images (>= the crop size)")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--learning_rate", type=float, default=0.02)
-    parser.add_argument("--content_weight", type=float, default=1.0)
-    parser.add_argument("--style_weight", type=float, default=1e6)
-    parser.add_argument("--tv_weight", type=float, default=0.0)
-    args = parser.parse_args(argv)
-
-    model, variables, meta = restore_model(args.weights)
-    if args.size < model.crop_size:
-        parser.error(f"--size {args.size} is below the model's crop size {model.crop_size}.")
-    image, history = stylize(
-        model, variables, convert.checkpoint_preprocessing(meta), load_image(args.content, args.size), load_image(args.style, args.size),
-        steps=args.steps, learning_rate=args.learning_rate, content_weight=args.content_weight,
-        style_weight=args.style_weight, tv_weight=args.tv_weight,
+def define_flags(values: flags.FlagValues, argv: list[str]) -> None:
+    flags.DEFINE_string(
+        "weights", None, "Converted VGG-19 checkpoint (python -m vgg_jax.convert).", required=True, flag_values=values
     )
-    Image.fromarray(np.round(image[0] * 255).astype(np.uint8)).save(args.out)
-    print(json.dumps({"out": args.out, "steps": args.steps, "initial_loss": history[0], "final_loss": history[-1]}))
+    flags.DEFINE_string("content", None, "Content image.", required=True, flag_values=values)
+    flags.DEFINE_string("style", None, "Style image.", required=True, flag_values=values)
+    flags.DEFINE_string("out", None, "Output image (.png, .jpg).", required=True, flag_values=values)
+    flags.DEFINE_integer("size", 384, "Shorter side of both images (>= the crop size).", flag_values=values)
+    flags.DEFINE_integer("steps", 300, "Adam steps.", flag_values=values)
+    flags.DEFINE_float("learning_rate", 0.02, "Adam's learning rate.", flag_values=values)
+    flags.DEFINE_float("content_weight", 1.0, "Weight of the relu4_2 feature loss.", flag_values=values)
+    flags.DEFINE_float(
+        "style_weight", 1e6, "Weight of the Gram losses (lower by ~1e3 for Caffe/Keras weights).", flag_values=values
+    )
+    flags.DEFINE_float("tv_weight", 0.0, "Weight of the total-variation prior.", flag_values=values)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    values, rest = cli.parse(argv, define_flags, "python -m experiments.style_transfer", __doc__)
+    if rest:
+        cli.fail(f"unexpected arguments {rest}.")
+    model, variables, meta = checkpoints.restore_model(values.weights)
+    if values.size < model.crop_size:
+        raise UserError(f"--size={values.size} is below the model's crop size {model.crop_size}: raise it.")
+    image, history = stylize(
+        model,
+        variables,
+        preprocessing.of_checkpoint(meta),
+        load_image(values.content, values.size),
+        load_image(values.style, values.size),
+        steps=values.steps,
+        learning_rate=values.learning_rate,
+        content_weight=values.content_weight,
+        style_weight=values.style_weight,
+        tv_weight=values.tv_weight,
+    )
+    Image.fromarray(np.round(image[0] * 255).astype(np.uint8)).save(values.out)
+    summary = {"out": values.out, "steps": values.steps, "initial_loss": history[0], "final_loss": history[-1]}
+    print(json.dumps(summary))
+    return summary
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

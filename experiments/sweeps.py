@@ -1,13 +1,6 @@
 """Sweep definitions: training runs with their dependencies, and evaluations of the trained runs.
 
-A ``Sweep`` is data: ``Run``s (a config, overrides, and the runs it starts from) and ``Eval``s (a
-protocol over one run, or several for an ensemble). Builders:
-- ``paper``: the paper's Table 3 (A, A-LRN, B, C, D, E x S = 256, 384, [256, 512]) chained as in
-  Sect. 3.1 (S=384 from S=256, jittered from S=384, optionally B..E staged from A), with the
-  evaluations of Tables 3, 4 and 5 and the D+E ensemble;
-- ``reduced``: the same sweep on another base config (``configs/demo.py``), every scale shrunk by
-  crop/224, so the whole ablation runs on a CPU;
-- ``from_overrides`` / ``load``: a user's own sweep, a list of config overrides per run.
+experiments/README.md#the-papers-sweep
 """
 
 from __future__ import annotations
@@ -94,8 +87,10 @@ class Sweep:
         for job in self.jobs_as_defined():
             unknown = [d for d in job.after if d not in runs]
             if unknown:
-                raise ValueError(f"Sweep {self.name!r}: {job.name!r} depends on {unknown}, which are not runs of "
-                                 f"the sweep (runs: {sorted(runs)}).")
+                raise ValueError(
+                    f"Sweep {self.name!r}: {job.name!r} depends on {unknown}, which are not runs of "
+                    f"the sweep (runs: {sorted(runs)})."
+                )
         for run in self.runs:
             check_overrides(run.overrides, where=f"run {run.name!r}")
         for ev in self.evals:
@@ -132,8 +127,9 @@ class Sweep:
             if name not in keep:
                 keep.add(name)
                 wanted.extend(by_name[name].after)
-        return Sweep(self.name, tuple(r for r in self.runs if r.name in keep),
-                     tuple(e for e in self.evals if e.name in keep))
+        return Sweep(
+            self.name, tuple(r for r in self.runs if r.name in keep), tuple(e for e in self.evals if e.name in keep)
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -201,8 +197,13 @@ RunConfig = Callable[[str, str, bool], tuple[str, tuple[str, ...]]]
 
 
 def _table3(
-    name: str, nets: Sequence[str], scales: Sequence[str], run_config: RunConfig, staged: bool,
-    tables: Sequence[str], overrides: Sequence[str],
+    name: str,
+    nets: Sequence[str],
+    scales: Sequence[str],
+    run_config: RunConfig,
+    staged: bool,
+    tables: Sequence[str],
+    overrides: Sequence[str],
 ) -> Sweep:
     """Runs net x scale, each scale initialised from the previous one of the same net (paper Sect. 3.1)."""
     _check_choice(nets, NETS, "nets")
@@ -221,8 +222,15 @@ def _table3(
             if staged and net not in ("A", "A-LRN") and not previous:
                 staged_from = f"A_{scales[0]}"
                 extra = (*extra, "--config.model.init_scheme=paper")  # the rest N(0, init_std^2), as the paper
-            run = Run(f"{net}_{scale}", config, (*overrides, *extra), init_from=previous,
-                      staged_init_from=staged_from, net=net, scale=scale)
+            run = Run(
+                f"{net}_{scale}",
+                config,
+                (*overrides, *extra),
+                init_from=previous,
+                staged_init_from=staged_from,
+                net=net,
+                scale=scale,
+            )
             runs.append(run)
             previous = run.name
     return Sweep(name, tuple(runs), paper_evals(runs, tables))
@@ -242,29 +250,54 @@ def paper_evals(runs: Sequence[Run], tables: Sequence[str] = TABLES) -> tuple[Ev
         evals += [Eval(f"{r.name}-dense-multiscale", (r.name,), "dense", "paper", "4") for r in runs]
     if "5" in tables:
         for r in (r for r in runs if r.scale == "256-512"):
-            evals += [Eval(f"{r.name}-{p}-multiscale", (r.name,), p, "paper", "5")
-                      for p in ("multicrop", "dense+multicrop")]
+            evals += [
+                Eval(f"{r.name}-{p}-multiscale", (r.name,), p, "paper", "5") for p in ("multicrop", "dense+multicrop")
+            ]
     members = [r.name for r in runs if r.scale == "256-512" and r.net in ("D", "E")]
     if "ensemble" in tables and len(members) == 2:
-        evals.append(Eval("+".join(members) + "-dense+multicrop-multiscale", tuple(members), "dense+multicrop",
-                          "paper", "ensemble"))
+        evals.append(
+            Eval(
+                "+".join(members) + "-dense+multicrop-multiscale",
+                tuple(members),
+                "dense+multicrop",
+                "paper",
+                "ensemble",
+            )
+        )
     return tuple(evals)
 
 
 def paper(
-    nets: Sequence[str] = NETS, scales: Sequence[str] = SCALES, *, platform: str = "gpu", staged: bool = False,
-    tables: Sequence[str] = TABLES, overrides: Sequence[str] = (),
+    nets: Sequence[str] = NETS,
+    scales: Sequence[str] = SCALES,
+    *,
+    platform: str = "gpu",
+    staged: bool = False,
+    tables: Sequence[str] = TABLES,
+    overrides: Sequence[str] = (),
 ) -> Sweep:
     """The paper's Table 3 on ImageNet with ``configs/paper.py`` (which sets S, Q and lr 1e-3 for chained runs)."""
     if platform not in ("cpu", "gpu", "tpu"):
         raise ValueError(f"platform must be cpu, gpu or tpu, got {platform!r}.")
-    return _table3("paper", nets, scales, lambda net, scale, _: (f"configs/paper.py:{net},{scale},{platform}", ()),
-                   staged, tables, overrides)
+    return _table3(
+        "paper",
+        nets,
+        scales,
+        lambda net, scale, _: (f"configs/paper.py:{net},{scale},{platform}", ()),
+        staged,
+        tables,
+        overrides,
+    )
 
 
 def reduced(
-    base_config: str = "configs/demo.py", nets: Sequence[str] = NETS, scales: Sequence[str] = SCALES, *,
-    staged: bool = False, tables: Sequence[str] = TABLES, overrides: Sequence[str] = (),
+    base_config: str = "configs/demo.py",
+    nets: Sequence[str] = NETS,
+    scales: Sequence[str] = SCALES,
+    *,
+    staged: bool = False,
+    tables: Sequence[str] = TABLES,
+    overrides: Sequence[str] = (),
 ) -> Sweep:
     """The paper's sweep on a smaller base config: S and Q scaled by crop_size / 224, chained runs at lr / 10."""
     from configs.paper import EVAL_SCALE  # noqa: PLC0415  (imported after resolve_config set sys.path)
@@ -278,14 +311,19 @@ def reduced(
     def run_config(net: str, scale: str, chained: bool) -> tuple[str, tuple[str, ...]]:
         lo, _, hi = scale.partition("-")
         q = size(str(EVAL_SCALE[scale]))
-        extra = [f"--config.model.name={net}", f"--config.data.scale_min={size(lo)}",
-                 f"--config.data.scale_max={size(hi or lo)}", f"--config.data.eval_scales=({q},)"]
+        extra = [
+            f"--config.model.name={net}",
+            f"--config.data.scale_min={size(lo)}",
+            f"--config.data.scale_max={size(hi or lo)}",
+            f"--config.data.eval_scales=({q},)",
+        ]
         if chained:
             extra.append(f"--config.optimizer.learning_rate={lr / 10:g}")
         return base_config, tuple(extra)
 
-    return _table3(f"paper-reduced-{Path(base_config.partition(':')[0]).stem}", nets, scales, run_config, staged,
-                   tables, overrides)
+    return _table3(
+        f"paper-reduced-{Path(base_config.partition(':')[0]).stem}", nets, scales, run_config, staged, tables, overrides
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,7 +378,8 @@ def load(path: str | Path, overrides: Sequence[str] = ()) -> Sweep:
     evals = []
     for e in spec.get("evals", ()):
         if not isinstance(e, dict) or set(e) - eval_fields or not {"name", "runs"} <= set(e):
-            raise ValueError(f"{path}: each evaluation needs 'name' and 'runs' and only the keys "
-                             f"{sorted(eval_fields)}; got {e!r}.")
+            raise ValueError(
+                f"{path}: each evaluation needs 'name' and 'runs' and only the keys {sorted(eval_fields)}; got {e!r}."
+            )
         evals.append(Eval(**{**e, "runs": tuple(e["runs"])}))
     return Sweep(name, tuple(built), tuple(evals))

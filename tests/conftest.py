@@ -36,8 +36,14 @@ def run(tmp_path_factory, data_dir) -> Path:
     workdir = tmp_path_factory.mktemp("vgg_jax_tiny_run") / "workdir"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={TRAINING_DEVICES}"
-    cmd = [sys.executable, "-m", "vgg_jax.main", f"--workdir={workdir}", *TINY_TRAINING,
-           f"--config.data.data_dir={data_dir}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vgg_jax.main",
+        f"--workdir={workdir}",
+        *TINY_TRAINING,
+        f"--config.data.data_dir={data_dir}",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return workdir
@@ -46,6 +52,6 @@ def run(tmp_path_factory, data_dir) -> Path:
 @pytest.fixture(scope="session")
 def clf(run):
     """``vgg_jax.load`` of the tiny run."""
-    from vgg_jax.load import load
+    from vgg_jax.classifier import load
 
     return load(str(run))

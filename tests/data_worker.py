@@ -43,10 +43,19 @@ def main(process_id: int, port: int, cfg_json: str, out: str) -> None:
         evaluated += b["index"][b["valid"]].tolist()
         assert b["image"].shape[0] == GLOBAL_BATCH // 2
     with open(out, "w") as f:
-        json.dump(dict(process_index=jax.process_index(), process_count=jax.process_count(),
-                       first_epoch=first_epoch, global_labels_shape=list(labels.shape),
-                       gathered_labels=np.asarray(gathered).tolist(), local_labels=batch["label"].tolist(),
-                       eval_indices=evaluated, eval_batches=batches), f)
+        json.dump(
+            dict(
+                process_index=jax.process_index(),
+                process_count=jax.process_count(),
+                first_epoch=first_epoch,
+                global_labels_shape=list(labels.shape),
+                gathered_labels=np.asarray(gathered).tolist(),
+                local_labels=batch["label"].tolist(),
+                eval_indices=evaluated,
+                eval_batches=batches,
+            ),
+            f,
+        )
     jax.distributed.shutdown()
 
 

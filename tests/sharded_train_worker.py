@@ -32,8 +32,8 @@ if args.num_processes > 1:
     jax.distributed.initialize(f"127.0.0.1:{args.port}", args.num_processes, args.process_id)
 
 import ml_collections  # noqa: E402
-from jax.experimental import multihost_utils  # noqa: E402
 import numpy as np  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
 
 from vgg_jax import models, optim, sharding  # noqa: E402
 from vgg_jax.train_step import create_train_state, jit_train_step  # noqa: E402
@@ -41,13 +41,25 @@ from vgg_jax.train_step import create_train_state, jit_train_step  # noqa: E402
 GLOBAL_BATCH, CROP, CLASSES = 16, 32, 10
 
 model = models.get_model(
-    "vgg11" if args.plain else "vgg11_bn", num_classes=CLASSES, width=4, fc_width=32, crop_size=CROP,
-    init_scheme="he", dropout_rate=0.0 if args.plain else 0.5,
+    "vgg11" if args.plain else "vgg11_bn",
+    num_classes=CLASSES,
+    width=4,
+    fc_width=32,
+    crop_size=CROP,
+    init_scheme="he",
+    dropout_rate=0.0 if args.plain else 0.5,
 )
-opt_cfg = ml_collections.ConfigDict(dict(
-    learning_rate=0.01, momentum=0.9, nesterov=False, weight_decay=5e-4, decay_biases=False, schedule="constant",
-    trainable=".*",
-))
+opt_cfg = ml_collections.ConfigDict(
+    dict(
+        learning_rate=0.01,
+        momentum=0.9,
+        nesterov=False,
+        weight_decay=5e-4,
+        decay_biases=False,
+        schedule="constant",
+        trainable=".*",
+    )
+)
 tx = optim.make_optimizer(opt_cfg, args.steps)
 mesh = sharding.make_mesh(args.model_axis)
 abstract = jax.eval_shape(lambda r: create_train_state(model, tx, r), jax.random.PRNGKey(0))
@@ -55,7 +67,7 @@ shardings = sharding.state_shardings(mesh, abstract, shard_fc=args.model_axis > 
 state = jax.jit(lambda r: create_train_state(model, tx, r), out_shardings=shardings)(jax.random.PRNGKey(0))
 step = jit_train_step(shardings, sharding.batch_sharding(mesh), accum_steps=args.accum)
 
-local = sharding.local_batch_size(GLOBAL_BATCH, mesh)
+local = sharding.split_batch(GLOBAL_BATCH, num_processes=jax.process_count(), num_devices=mesh.shape[sharding.DATA])
 lo = jax.process_index() * local
 for i in range(args.steps):
     rng = np.random.default_rng(i)
@@ -70,7 +82,6 @@ if args.model_axis > 1:
     assert fc6.sharding.spec == jax.sharding.PartitionSpec(None, None, None, "model"), fc6.sharding
     print("fc6 shard shape", fc6.addressable_shards[0].data.shape, file=sys.stderr)
 flat = jax.tree_util.tree_flatten_with_path({"params": state.params, "batch_stats": state.batch_stats})[0]
-arrays = {jax.tree_util.keystr(p): np.asarray(multihost_utils.process_allgather(x, tiled=True))
-          for p, x in flat}
+arrays = {jax.tree_util.keystr(p): np.asarray(multihost_utils.process_allgather(x, tiled=True)) for p, x in flat}
 if jax.process_index() == 0:
     np.savez(args.out, **arrays)

@@ -8,11 +8,9 @@ import sys
 import time
 from pathlib import Path
 
-from absl import app
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/ imports `configs.default`
 
-from vgg_jax import checkpoints, main
+from vgg_jax import checkpoints, cli, main
 
 _save = checkpoints.IteratorStateHandler.save
 
@@ -28,4 +26,4 @@ def stalling_save(self, directory, args):
 checkpoints.IteratorStateHandler.save = stalling_save
 
 if __name__ == "__main__":
-    app.run(main.main)
+    cli.run(main.main)

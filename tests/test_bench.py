@@ -20,11 +20,17 @@ def test_bench_offers_every_remat_policy_of_the_model():
 def test_gpu_check_script_runs_end_to_end_on_cpu(tmp_path):
     """benchmarks/gpu_check.sh is run once per GPU-lent task, with no time to debug it there."""
     env = {
-        **os.environ, "PLATFORM": "cpu", "PYTHON": sys.executable, "OUT": str(tmp_path), "BATCHES": "2 4",
-        "MEMORY_BATCHES": "2 4", "MODEL_ARGS": "--model vgg11 --width 4 --fc_width 16 --image_size 32 --num_classes 10",
+        **os.environ,
+        "PLATFORM": "cpu",
+        "PYTHON": sys.executable,
+        "OUT": str(tmp_path),
+        "BATCHES": "2 4",
+        "MEMORY_BATCHES": "2 4",
+        "MODEL_ARGS": "--model=vgg11 --width=4 --fc_width=16 --image_size=32 --num_classes=10",
     }
-    result = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-3000:]
     assert (tmp_path / "log.txt").read_text() == result.stdout

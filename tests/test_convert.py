@@ -24,8 +24,8 @@ from safetensors.numpy import load_file
 from safetensors.torch import load_file as torch_load_file
 from safetensors.torch import save_file as torch_save_file
 
-from vgg_jax import checkpoints, convert, models
-from vgg_jax.load import restore_model
+from vgg_jax import checkpoints, convert, models, preprocessing
+from vgg_jax.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,8 +37,14 @@ CFGS = {
     "E": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512, "M"],
 }
 TORCHVISION = {
-    "vgg11": ("A", False), "vgg13": ("B", False), "vgg16": ("D", False), "vgg19": ("E", False),
-    "vgg11_bn": ("A", True), "vgg13_bn": ("B", True), "vgg16_bn": ("D", True), "vgg19_bn": ("E", True),
+    "vgg11": ("A", False),
+    "vgg13": ("B", False),
+    "vgg16": ("D", False),
+    "vgg19": ("E", False),
+    "vgg11_bn": ("A", True),
+    "vgg13_bn": ("B", True),
+    "vgg16_bn": ("D", True),
+    "vgg19_bn": ("E", True),
 }
 SMALL = {"width": 4, "fc_width": 16}  # reduced width; crop 224 keeps fc6's 7x7 window
 
@@ -64,8 +70,12 @@ class TorchVGG(torch.nn.Module):
         self.features = torch.nn.Sequential(*layers)
         self.avgpool = torch.nn.AdaptiveAvgPool2d((7, 7))
         self.classifier = torch.nn.Sequential(
-            torch.nn.Linear(channels * 7 * 7, fc_width), torch.nn.ReLU(True), torch.nn.Dropout(),
-            torch.nn.Linear(fc_width, fc_width), torch.nn.ReLU(True), torch.nn.Dropout(),
+            torch.nn.Linear(channels * 7 * 7, fc_width),
+            torch.nn.ReLU(True),
+            torch.nn.Dropout(),
+            torch.nn.Linear(fc_width, fc_width),
+            torch.nn.ReLU(True),
+            torch.nn.Dropout(),
             torch.nn.Linear(fc_width, num_classes),
         )
 
@@ -113,8 +123,12 @@ def images(n: int, size: int = 224, seed: int = 0) -> np.ndarray:
 
 
 def flat(variables: dict) -> dict[str, np.ndarray]:
-    return {f"{c}/{layer}/{leaf}": np.asarray(v) for c in ("params", "batch_stats")
-            for layer, leaves in variables.get(c, {}).items() for leaf, v in leaves.items()}
+    return {
+        f"{c}/{layer}/{leaf}": np.asarray(v)
+        for c in ("params", "batch_stats")
+        for layer, leaves in variables.get(c, {}).items()
+        for leaf, v in leaves.items()
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,8 +143,10 @@ def test_layout_has_torchvision_keys_and_shapes(name):
     expected = {k: tuple(v.shape) for k, v in reference.state_dict().items() if not k.endswith("num_batches_tracked")}
     model = models.get_model(name)
     shapes = models.variable_shapes(model)
-    ours = {t.key: t.foreign_shape(tuple(shapes[t.collection][t.layer][t.leaf].shape))
-            for t in convert.torchvision_layout(model)}
+    ours = {
+        t.key: t.foreign_shape(tuple(shapes[t.collection][t.layer][t.leaf].shape))
+        for t in convert.torchvision_layout(model)
+    }
     assert ours == expected
     assert convert.guess_torchvision_model(reference.state_dict()).startswith(f"{name} ")
 
@@ -146,8 +162,9 @@ def test_full_size_logits_match_pytorch(name, suffix, export, tmp_path):
     x = images(1)
     expected = torch_logits(reference, x)
     model, variables = convert.convert_file(path, "torchvision", name)
-    assert models.count_params(variables["params"]) == sum(
-        p.numel() for p in reference.parameters()), "parameter count differs from torchvision's"
+    assert models.count_params(variables["params"]) == sum(p.numel() for p in reference.parameters()), (
+        "parameter count differs from torchvision's"
+    )
     assert relative_error(our_logits(model, variables, x), expected) < 1e-4
     if not export:
         return
@@ -167,8 +184,9 @@ def test_full_size_logits_match_pytorch(name, suffix, export, tmp_path):
 def test_export_import_round_trip_is_identical(name):
     model = models.get_model(name, num_classes=7, **SMALL)
     rng = np.random.default_rng(0)
-    variables = jax.tree_util.tree_map(lambda v: rng.uniform(0.5, 2.0, v.shape).astype(np.float32),
-                                       models.variable_shapes(model))
+    variables = jax.tree_util.tree_map(
+        lambda v: rng.uniform(0.5, 2.0, v.shape).astype(np.float32), models.variable_shapes(model)
+    )
     back = convert.from_torchvision(convert.to_torchvision(variables, model), model)
     original = flat(variables)
     assert flat(back).keys() == original.keys()
@@ -193,13 +211,20 @@ def small_state(name: str) -> dict[str, torch.Tensor]:
     return TorchVGG(name, **SMALL).state_dict()
 
 
-@pytest.mark.parametrize("file_name,model_name,match", [
-    ("vgg16", "vgg19", r"no tensor 'features\.16\.weight' \(conv3_4/kernel, expected shape \(16, 16, 3, 3\)\).*"
-                       r"looks like vgg16 "),
-    ("vgg19", "vgg16", r"no tensor 'features\.17\.weight'.*looks like vgg19 "),
-    ("vgg16_bn", "vgg16", r"no tensor 'features\.2\.weight'.*looks like vgg16_bn "),
-    ("vgg11", "vgg11_bn", r"no tensor 'features\.1\.weight' \(bn1_1/scale.*looks like vgg11 "),
-])
+@pytest.mark.parametrize(
+    "file_name,model_name,match",
+    [
+        (
+            "vgg16",
+            "vgg19",
+            r"no tensor 'features\.16\.weight' \(conv3_4/kernel, expected shape \(16, 16, 3, 3\)\).*"
+            r"looks like vgg16 ",
+        ),
+        ("vgg19", "vgg16", r"no tensor 'features\.17\.weight'.*looks like vgg19 "),
+        ("vgg16_bn", "vgg16", r"no tensor 'features\.2\.weight'.*looks like vgg16_bn "),
+        ("vgg11", "vgg11_bn", r"no tensor 'features\.1\.weight' \(bn1_1/scale.*looks like vgg11 "),
+    ],
+)
 def test_wrong_architecture_names_the_tensor(file_name, model_name, match):
     with pytest.raises(ValueError, match=match):
         convert.from_torchvision(small_state(file_name), models.get_model(model_name, num_classes=1000, **SMALL))
@@ -207,18 +232,28 @@ def test_wrong_architecture_names_the_tensor(file_name, model_name, match):
 
 def test_wrong_shapes_and_extra_tensors_are_named():
     state = small_state("vgg16")
-    with pytest.raises(ValueError, match=r"'features\.0\.weight' \(conv1_1/kernel\) has shape \(4, 3, 3, 3\) in "
-                                         r"the torchvision file but vgg16 \(width 8.* expects \(8, 3, 3, 3\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"'features\.0\.weight' \(conv1_1/kernel\) has shape \(4, 3, 3, 3\) in "
+        r"the torchvision file but vgg16 \(width 8.* expects \(8, 3, 3, 3\)",
+    ):
         convert.from_torchvision(state, models.get_model("vgg16", width=8, fc_width=16))
-    with pytest.raises(ValueError, match=r"'classifier\.6\.weight' \(fc8/kernel\) has shape \(1000, 16\).*"
-                                         r"expects \(10, 16\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"'classifier\.6\.weight' \(fc8/kernel\) has shape \(1000, 16\).*"
+        r"expects \(10, 16\)",
+    ):
         convert.from_torchvision(state, models.get_model("vgg16", num_classes=10, **SMALL))
-    with pytest.raises(ValueError, match=r"'classifier\.0\.weight' \(fc6/kernel\) has shape \(16, 1568\).*"
-                                         r"crop_size 64.*expects \(16, 128\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"'classifier\.0\.weight' \(fc6/kernel\) has shape \(16, 1568\).*"
+        r"crop_size 64.*expects \(16, 128\)",
+    ):
         convert.from_torchvision(state, models.get_model("vgg16", crop_size=64, **SMALL))
     with pytest.raises(ValueError, match=r"tensor 'classifier\.9\.weight' \(shape \(3, 3\)\) that vgg16"):
-        convert.from_torchvision({**state, "classifier.9.weight": torch.zeros(3, 3)},
-                                 models.get_model("vgg16", **SMALL))
+        convert.from_torchvision(
+            {**state, "classifier.9.weight": torch.zeros(3, 3)}, models.get_model("vgg16", **SMALL)
+        )
     with pytest.raises(ValueError, match="no VGG with LRN"):
         convert.from_torchvision(small_state("vgg11"), models.get_model("vgg11_lrn", **SMALL))
 
@@ -326,17 +361,16 @@ def test_caffe_dump_matches_reference_on_bgr(suffix, tmp_path):
 
 def test_preprocessing_presets():
     # torchvision: (x / 255 - 0.485) / 0.229 == (x - 123.675) / 58.395 on 0..255.
-    mean, std = convert.data_normalization(convert.PREPROCESSING["torchvision"])
-    np.testing.assert_allclose(mean, [123.675, 116.28, 103.53])
-    np.testing.assert_allclose(std, [58.395, 57.12, 57.375])
-    mean, std = convert.data_normalization(convert.PREPROCESSING["caffe"])
-    assert mean == (123.68, 116.779, 103.939) and std == (1.0, 1.0, 1.0)
-    bgr = {"channel_order": "BGR", "input_scale": 255.0, "mean": [103.939, 116.779, 123.68], "std": [1.0, 1.0, 1.0]}
+    torchvision, caffe = preprocessing.PRESETS["torchvision"], preprocessing.PRESETS["caffe"]
+    np.testing.assert_allclose(torchvision.mean_rgb, [123.675, 116.28, 103.53])
+    np.testing.assert_allclose(torchvision.std_rgb, [58.395, 57.12, 57.375])
+    assert caffe.mean_rgb == (123.68, 116.779, 103.939) and caffe.std_rgb == (1.0, 1.0, 1.0)
+    # Caffe's BGR mean subtracted from BGR pixels is our RGB preset on RGB pixels, reordered.
     x = np.random.default_rng(0).uniform(0, 255, (1, 2, 2, 3)).astype(np.float32)
-    np.testing.assert_allclose(convert.normalize(x, bgr)[..., ::-1], convert.normalize(x, convert.PREPROCESSING["caffe"]),
-                               rtol=1e-6)
-    np.testing.assert_allclose(convert.normalize(x, convert.PREPROCESSING["torchvision"]),
-                               (x / 255 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225], rtol=1e-5)
+    np.testing.assert_allclose((x[..., ::-1] - [103.939, 116.779, 123.68])[..., ::-1], caffe.normalize(x), rtol=1e-6)
+    np.testing.assert_allclose(
+        torchvision.normalize(x), (x / 255 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225], rtol=1e-5
+    )
 
 
 def test_cli_converts_and_exports(tmp_path, capsys):
@@ -345,21 +379,37 @@ def test_cli_converts_and_exports(tmp_path, capsys):
     torch.save(reference.state_dict(), pth)
     (tmp_path / "classes.txt").write_text("cat\ndog\nemu\n")
     ckpt = tmp_path / "ckpt"
-    cmd = [sys.executable, "-m", "vgg_jax.convert", "--source=torchvision", "--model=vgg13_bn", "--width=4",
-           "--fc_width=16", f"--class_names={tmp_path / 'classes.txt'}", str(pth), str(ckpt)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vgg_jax.convert",
+        "--layout=torchvision",
+        "--model=vgg13_bn",
+        "--width=4",
+        "--fc_width=16",
+        f"--class_names={tmp_path / 'classes.txt'}",
+        str(pth),
+        str(ckpt),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     meta = checkpoints.read_meta(ckpt)
     assert meta == {
-        "config": {"model": {"name": "vgg13_bn", "width": 4, "fc_width": 16, "num_classes": 3},
-                   "data": {"crop_size": 224, "mean_rgb": pytest.approx([123.675, 116.28, 103.53]),
-                            "std_rgb": pytest.approx([58.395, 57.12, 57.375])}},
+        "config": {
+            "model": {"name": "vgg13_bn", "width": 4, "fc_width": 16, "num_classes": 3},
+            "data": {
+                "crop_size": 224,
+                "mean_rgb": pytest.approx([123.675, 116.28, 103.53]),
+                "std_rgb": pytest.approx([58.395, 57.12, 57.375]),
+                "resize": "torchvision",
+            },
+        },
         "class_names": ["cat", "dog", "emu"],
-        "preprocessing": convert.PREPROCESSING["torchvision"],
-        "source": "torchvision",
+        "preprocessing": preprocessing.PRESETS["torchvision"].to_meta(),
+        "layout": "torchvision",
     }
-    model, variables, _ = restore_model(ckpt)
+    model, variables, _ = checkpoints.restore_model(ckpt)
     x = images(1, seed=5)
     assert relative_error(our_logits(model, variables, x), torch_logits(reference, x)) < 1e-4
 
@@ -369,25 +419,38 @@ def test_cli_converts_and_exports(tmp_path, capsys):
     for key, value in reference.state_dict().items():
         if not key.endswith("num_batches_tracked"):
             np.testing.assert_array_equal(back[key], value.numpy(), err_msg=key)
-    with pytest.raises(SystemExit):
-        convert.main(["--source=torchvision", str(pth), str(ckpt)])  # exists: refused
-    with pytest.raises(SystemExit):
-        convert.main(["--source=torchvision", "--model=vgg16", str(pth), str(tmp_path / "new")])  # wrong model
-    assert "looks like vgg13_bn" in capsys.readouterr().err
+    with pytest.raises(UserError, match="already exists"):
+        convert.main(["--layout=torchvision", str(pth), str(ckpt)])  # exists: refused
+    with pytest.raises(UserError, match="looks like vgg13_bn"):
+        convert.main(["--layout=torchvision", "--model=vgg16", str(pth), str(tmp_path / "new")])  # wrong model
 
 
 def test_caffe_cli_stores_rgb_caffe_preset(tmp_path):
     model = models.get_model("vgg11", num_classes=4, **SMALL)
     shapes = models.variable_shapes(model)["params"]
     rng = np.random.default_rng(0)
-    blobs = {t.key: rng.normal(size=t.foreign_shape(tuple(shapes[t.layer][t.leaf].shape))).astype(np.float32)
-             for t in convert.caffe_layout(model)}
+    blobs = {
+        t.key: rng.normal(size=t.foreign_shape(tuple(shapes[t.layer][t.leaf].shape))).astype(np.float32)
+        for t in convert.caffe_layout(model)
+    }
     np.savez(tmp_path / "vgg11.npz", **blobs)
-    convert.main(["--source=caffe", "--model=A", "--width=4", "--fc_width=16", str(tmp_path / "vgg11.npz"),
-                  str(tmp_path / "ckpt")])
+    convert.main(
+        [
+            "--layout=caffe",
+            "--model=A",
+            "--width=4",
+            "--fc_width=16",
+            str(tmp_path / "vgg11.npz"),
+            str(tmp_path / "ckpt"),
+        ]
+    )
     meta = checkpoints.read_meta(tmp_path / "ckpt")
-    assert meta["preprocessing"] == {"channel_order": "RGB", "input_scale": 255.0,
-                                     "mean": [123.68, 116.779, 103.939], "std": [1.0, 1.0, 1.0]}
-    assert meta["config"]["model"]["name"] == "vgg11" and meta["source"] == "caffe"
-    kernel = np.asarray(checkpoints.restore_variables(tmp_path / "ckpt")["params"]["conv1_1"]["kernel"])
+    assert meta["preprocessing"] == {
+        "input_scale": 255.0,
+        "mean": [123.68, 116.779, 103.939],
+        "std": [1.0, 1.0, 1.0],
+        "resize": "round",
+    }
+    assert meta["config"]["model"]["name"] == "vgg11" and meta["layout"] == "caffe"
+    kernel = np.asarray(checkpoints.restore_model(tmp_path / "ckpt")[1]["params"]["conv1_1"]["kernel"])
     np.testing.assert_array_equal(kernel, blobs["conv1_1/W"].transpose(2, 3, 1, 0)[:, :, ::-1, :])

@@ -37,8 +37,12 @@ def test_demo_is_a_registered_tfds_dataset_with_its_classes_and_sizes(demo_cfg):
     assert data.class_names(demo_cfg) == list(demo.CLASS_NAMES) and data.num_classes(demo_cfg) == 10
     for split, per_class in (("train", 200), ("validation", 30)):
         assert data.num_examples(demo_cfg, split) == 10 * per_class
-        labels = [ex["label"] for ex in builder.as_dataset(
-            split=split, decoders={"image": tfds.decode.SkipDecoding()}).as_numpy_iterator()]
+        labels = [
+            ex["label"]
+            for ex in builder.as_dataset(
+                split=split, decoders={"image": tfds.decode.SkipDecoding()}
+            ).as_numpy_iterator()
+        ]
         assert np.bincount(labels).tolist() == [per_class] * 10
     sizes, unreadable = pipeline.image_sizes(sources.get_source(demo_cfg), "validation", 2)
     short, long = sizes.min(1), sizes.max(1)
@@ -63,8 +67,9 @@ def _spectrum_features(images: np.ndarray) -> np.ndarray:
     yy, xx = np.mgrid[-c:c, -c:c]
     radial = np.digitize(np.hypot(yy, xx), [2, 4, 8, 12, 18, 26, 34])
     angular = (np.mod(np.arctan2(yy, xx), np.pi) / (np.pi / 8)).astype(int) % 8
-    return np.stack([np.log1p(power[:, (radial == r) & (angular == a)].mean(1))
-                     for r in range(1, 7) for a in range(8)], 1)
+    return np.stack(
+        [np.log1p(power[:, (radial == r) & (angular == a)].mean(1)) for r in range(1, 7) for a in range(8)], 1
+    )
 
 
 def test_demo_classes_are_distinguishable_after_augmentation(demo_cfg):
@@ -76,8 +81,9 @@ def test_demo_classes_are_distinguishable_after_augmentation(demo_cfg):
     train = [next(it) for _ in range(6)]
     x_train = _spectrum_features(np.concatenate([b["image"] for b in train]))
     y_train = np.concatenate([b["label"] for b in train])
-    val = list(data.create_eval_iterator(cfg, view="center", scale=72, global_batch_size=100, process_index=0,
-                                         process_count=1))
+    val = list(
+        data.create_eval_iterator(cfg, view="center", scale=72, global_batch_size=100, process_index=0, process_count=1)
+    )
     x_val = _spectrum_features(np.concatenate([b["image"] for b in val]))
     y_val = np.concatenate([b["label"] for b in val])
     mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
@@ -91,10 +97,10 @@ def test_demo_classes_are_distinguishable_after_augmentation(demo_cfg):
 
 
 def test_every_config_field_is_documented():
-    """Each ``c.<field> = ...`` in config.py has a comment above it (or above the run of
+    """Each ``config.<field> = ...`` in config.py has a comment above it (or above the run of
     assignments it belongs to), and every field of the config is assigned there."""
     lines = open(config_module.__file__).read().splitlines()
-    assignment = re.compile(r"\s+c\.(\w+)(?:, c\.(\w+))*(?:, c\.(\w+))* = ")
+    assignment = re.compile(r"\s+config\.(\w+)(?:, config\.(\w+))*(?:, config\.(\w+))* = ")
     documented = set()
     for i, line in enumerate(lines):
         if m := assignment.match(line):
@@ -111,8 +117,12 @@ def test_every_config_field_is_documented():
 
 
 def _folder(root, classes: dict[str, int], val: dict[str, int] | None = None) -> str:
-    files = lambda counts: {c: [(f"{c}_{i}.jpg", fx.encode(fx.solid(k, (40, 48)))) for i in range(n)]  # noqa: E731
-                            for k, (c, n) in enumerate(counts.items())}
+    def files(counts: dict[str, int]) -> dict[str, list]:
+        return {
+            c: [(f"{c}_{i}.jpg", fx.encode(fx.solid(k, (40, 48)))) for i in range(n)]
+            for k, (c, n) in enumerate(counts.items())
+        }
+
     splits = {"train": files(classes)}
     if val is not None:
         splits["val"] = files(val)
@@ -128,10 +138,17 @@ def test_folder_dataset_classes_splits_and_refresh(tmp_path):
     assert data.num_examples(cfg, "train") == 5 and data.num_examples(cfg, "validation") == 2
     builder = sources.get_source(cfg).builder
     assert builder.name == "vgg_jax_folder" and builder.builder_config.name.startswith("pets_")
-    labels = {ex["file_name"].decode(): ex["label"] for ex in builder.as_dataset(
-        split="train", decoders={"image": tfds.decode.SkipDecoding()}).as_numpy_iterator()}
-    assert labels == {"train/cat/cat_0.jpg": 0, "train/cat/cat_1.jpg": 0, "train/cat/cat_2.jpg": 0,
-                      "train/dog/dog_0.jpg": 1, "train/dog/dog_1.jpg": 1}
+    labels = {
+        ex["file_name"].decode(): ex["label"]
+        for ex in builder.as_dataset(split="train", decoders={"image": tfds.decode.SkipDecoding()}).as_numpy_iterator()
+    }
+    assert labels == {
+        "train/cat/cat_0.jpg": 0,
+        "train/cat/cat_1.jpg": 0,
+        "train/cat/cat_2.jpg": 0,
+        "train/dog/dog_0.jpg": 1,
+        "train/dog/dog_1.jpg": 1,
+    }
     # A changed file list is a new fingerprint: prepared afresh, never read stale.
     with open(os.path.join(root, "train", "dog", "dog_9.png"), "wb") as f:
         f.write(fx.encode(fx.solid(1, (40, 48)), "png"))
@@ -192,5 +209,4 @@ def test_unknown_split_lists_the_splits(demo_cfg):
     cfg = demo_cfg.copy_and_resolve_references()
     cfg.eval_split = "test"
     with pytest.raises(data.DatasetError, match=r"split 'test' is not in vgg_jax_demo .*train.*validation"):
-        data.create_eval_iterator(cfg, view="center", scale=256, global_batch_size=4, process_index=0,
-                                  process_count=1)
+        data.create_eval_iterator(cfg, view="center", scale=256, global_batch_size=4, process_index=0, process_count=1)

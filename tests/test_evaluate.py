@@ -21,9 +21,11 @@ import numpy as np
 import pytest
 
 from vgg_jax import checkpoints, data, evaluate, models, sharding
+
 from tiny_runs import TRAINING_DEVICES, free_port
 
 REPO = Path(__file__).resolve().parents[1]
+
 
 def softmax64(x) -> np.ndarray:
     x = np.asarray(x, np.float64)
@@ -52,11 +54,15 @@ def random_model(name: str, seed: int = 0):
     variables = models.init_variables(model, jax.random.key(seed))
     keys = iter(jax.random.split(jax.random.key(seed + 1), 1000))
     variables = jax.tree_util.tree_map_with_path(
-        lambda path, v: v + 0.2 * jax.random.normal(next(keys), v.shape) if "bias" in str(path) or "scale" in str(path)
-        else v, variables)
+        lambda path, v: (
+            v + 0.2 * jax.random.normal(next(keys), v.shape) if "bias" in str(path) or "scale" in str(path) else v
+        ),
+        variables,
+    )
     if "batch_stats" in variables:
         variables["batch_stats"] = jax.tree_util.tree_map(
-            lambda v: jnp.abs(v) + jax.random.uniform(next(keys), v.shape), variables["batch_stats"])
+            lambda v: jnp.abs(v) + jax.random.uniform(next(keys), v.shape), variables["batch_stats"]
+        )
     return model, variables
 
 
@@ -75,8 +81,11 @@ def test_dense_padded_image_equals_the_image_alone(name):
     image = np.zeros((len(sizes), *canvas, 3), np.float32)
     for i, (h, w) in enumerate(sizes):
         image[i, :h, :w] = rng.normal(0, 60, (h, w, 3))
-    batch = {"image": jnp.asarray(image), "height": jnp.array([h for h, _ in sizes]),
-             "width": jnp.array([w for _, w in sizes])}
+    batch = {
+        "image": jnp.asarray(image),
+        "height": jnp.array([h for h, _ in sizes]),
+        "width": jnp.array([w for _, w in sizes]),
+    }
     plain = np.asarray(dense(model.apply, variables, batch, flip=False), np.float64)
     flipped = np.asarray(dense(model.apply, variables, batch), np.float64)
     for i, (h, w) in enumerate(sizes):
@@ -147,8 +156,7 @@ def test_multicrop_reduced_to_the_centre_crop_is_the_centre_protocol(clf):
     # All 50 views: the mean of the views' soft-max, each view classified on its own.
     apply = jitted(clf.model)
     per_view = np.stack([softmax64(apply(clf.variables, grid["image"][:, v])) for v in range(50)], 1)
-    np.testing.assert_allclose(multicrop(clf.apply_fn, clf.variables, grid), per_view.mean(1),
-                               atol=1e-6)
+    np.testing.assert_allclose(multicrop(clf.apply_fn, clf.variables, grid), per_view.mean(1), atol=1e-6)
 
 
 def test_150_crops_at_3_scales_each_evaluated_exactly_once(clf):
@@ -164,8 +172,9 @@ def test_150_crops_at_3_scales_each_evaluated_exactly_once(clf):
         return clf.model.apply(variables, x, **kwargs)
 
     member = evaluate.Member("recorded", recording_apply, clf.variables, cfg)
-    report = evaluate.evaluate_members([member], sharding.make_mesh(), protocol="multicrop", scales=scales,
-                                       batch_size=3)
+    report = evaluate.evaluate_members(
+        [member], sharding.make_mesh(), protocol="multicrop", scales=scales, batch_size=3
+    )
     assert report.results["images"] == 5
     real = [crop.tobytes() for crop in seen if np.any(crop)]
     expected = []
@@ -205,14 +214,17 @@ def test_multiscale_and_ensemble_average_per_image_posteriors(clf):
     cfg.eval_split = "validation[:7]"
     other_model = clf.model.clone(init_scheme="paper", init_std=0.05)
     other_vars = models.init_variables(other_model, jax.random.key(3))
-    members = [evaluate.Member("trained", clf.apply_fn, clf.variables, cfg),
-               evaluate.Member("random", other_model.apply, other_vars, cfg)]
+    members = [
+        evaluate.Member("trained", clf.apply_fn, clf.variables, cfg),
+        evaluate.Member("random", other_model.apply, other_vars, cfg),
+    ]
     report = evaluate.evaluate_members(members, sharding.make_mesh(), protocol="center", scales=(36, 52), batch_size=4)
     res = report.results
     ref = {}
     for q in (36, 52):
         labels, (ref["trained", q], ref["random", q]) = per_image_center(
-            [(clf.model, clf.variables), (other_model, other_vars)], cfg, q)
+            [(clf.model, clf.variables), (other_model, other_vars)], cfg, q
+        )
     for name in ("trained", "random"):
         for q in (36, 52):
             assert res[f"{name}/top1_error@{q}"] == pytest.approx(error(ref[name, q], labels, 1))
@@ -230,8 +242,7 @@ def test_multiscale_and_ensemble_average_per_image_posteriors(clf):
 def test_training_loop_keys_and_unknown_protocol(clf):
     cfg = clf.config.data.copy_and_resolve_references()
     cfg.eval_split = "validation[:3]"
-    results = evaluate.evaluate(clf.apply_fn, clf.variables, cfg, sharding.make_mesh(), protocol="center",
-                                batch_size=2)
+    results = evaluate.evaluate(clf.apply_fn, clf.variables, cfg, sharding.make_mesh(), protocol="center", batch_size=2)
     assert set(results) == {"top1_error@36", "top5_error@36", "top1_error", "top5_error", "images"}
     assert results["images"] == 3 and results["top1_error"] == results["top1_error@36"]
     with pytest.raises(ValueError, match="Unknown or repeated evaluation method.*'dense\\+multicrop'"):
@@ -246,22 +257,36 @@ def test_paper_scales():
     assert evaluate.paper_scales(cfg) == (256, 384, 512)
 
 
-CLI = ["--protocol=dense+multicrop", "--scales=36,48", "--split=validation[:13]", "--batch_size=4"]
+CLI = ["--protocol=dense+multicrop", "--scales=36,48", "--data.eval_split=validation[:13]", "--batch_size=4"]
 
 
 def test_cli_counts_every_image_once_on_1_and_2_processes(run, tmp_path):
     """13 images in global batches of 4: one process (3 full batches and 1 image + 3 padding rows
     per view) and two jax.distributed processes on localhost (7 and 6 images in batches of 2)
     agree on every result, and both count each image once."""
-    one = evaluate.main([f"--workdir={run}", *CLI, f"--out={tmp_path / 'one'}"]).results
+    one = evaluate.main([f"--checkpoint={run}", *CLI, f"--out={tmp_path / 'one'}"]).results
     assert one["images"] == 13
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "vgg_jax.evaluate", f"--checkpoint={run / 'checkpoints'}", *CLI,
-             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            [
+                sys.executable,
+                "-m",
+                "vgg_jax.evaluate",
+                f"--checkpoint={run / 'checkpoints'}",
+                *CLI,
+                "--distributed.enabled=True",
+                f"--distributed.coordinator_address=127.0.0.1:{port}",
+                "--distributed.num_processes=2",
+                f"--distributed.process_id={i}",
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for i in range(2)
     ]
     outputs = [p.communicate(timeout=600) for p in procs]
@@ -278,11 +303,11 @@ def test_cli_counts_every_image_once_on_1_and_2_processes(run, tmp_path):
 def test_cli_errors_name_the_fix(tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluate.main([])
-    assert "--workdir=DIR or --checkpoint=PATH" in capsys.readouterr().err
+    assert "give --checkpoint=PATH" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="No complete checkpoint under"):
-        evaluate.main([f"--workdir={tmp_path}"])
+        evaluate.main([f"--checkpoint={tmp_path}"])
     with pytest.raises(ValueError, match="'dense\\+multicrop'"):
-        evaluate.main([f"--workdir={tmp_path}", "--protocol=dense,multicrop"])
+        evaluate.main([f"--checkpoint={tmp_path}", "--protocol=dense,multicrop"])
     with pytest.raises(ValueError, match="comma-separated integers"):
         evaluate.parse_scales("256;384")
 

@@ -3,7 +3,7 @@
 The CPU-scale depth and LRN ablation (A, A-LRN, B at S=256 and B fine-tuned at jittered S, tiny
 widths, on the built-in dataset) runs once through ``python -m experiments.launch`` (module
 fixture); the report's tables and figures are checked against the runs' own outputs and against
-the paper's published errors (REFERENCE.md, Table 3). The SLURM and TPU scripts are generated for
+the paper's published errors (Table 3). The SLURM and TPU scripts are generated for
 the full paper sweep and executed with stand-ins for ``sbatch`` / ``srun`` / ``scontrol`` /
 ``gcloud`` that record what they were asked to do.
 """
@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the experiments package lives at the repository root
 
 from experiments import launch, plan, plots, report, results, slurm, status, sweeps, tpu  # noqa: E402
+
 from tiny_runs import free_port  # noqa: E402
 
 # Tiny but complete runs: the real demo data through the paper's transform at crop 32.
@@ -44,19 +45,29 @@ TINY = [
     "--config.checkpoint.every_steps=4",
 ]
 ABLATION = [
-    "--sweep=paper", "--base_config=configs/demo.py", "--nets=A,A-LRN,B", "--scales=256,256-512", "--tables=3",
+    "--sweep=paper",
+    "--base_config=configs/demo.py",
+    "--nets=A,A-LRN,B",
+    "--scales=256,256-512",
+    "--tables=3",
     "--only=A-LRN_256,B_256-512,A_256-dense",
 ]
 ABLATION_JOBS = {"A_256", "A-LRN_256", "B_256", "B_256-512", "A_256-dense"}
 
-# REFERENCE.md, paper Table 3 (S = Q = 256): top-1 / top-5 validation error, %.
+# Paper Table 3 (S = Q = 256): top-1 / top-5 validation error, %.
 PAPER_TABLE3 = {"A": ("29.6", "10.4"), "A-LRN": ("29.7", "10.5"), "B": ("28.7", "9.9")}
 
 
 def run_launcher(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.run([sys.executable, "-m", "experiments.launch", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.launch", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -71,7 +82,7 @@ def ablation(tmp_path_factory, data_dir) -> Path:
 
 def markdown_table(text: str, heading: str) -> list[dict[str, str]]:
     """The rows of the first table after the heading that starts with ``heading``."""
-    lines = text[text.index(heading):].splitlines()
+    lines = text[text.index(heading) :].splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("|"))
     table = []
     for line in lines[start:]:
@@ -147,7 +158,9 @@ def test_report_tables_hold_every_run_and_the_paper_numbers(ablation):
         assert float(table3[name]["top-1 (ours)"]) == pytest.approx(summary[f"top1_error@{q}"], abs=0.006)
         assert float(table3[name]["top-5 (ours)"]) == pytest.approx(summary[f"top5_error@{q}"], abs=0.006)
     torchvision = {row["run"]: row for row in markdown_table(text, "## Centre crop vs torchvision")}
-    assert torchvision["A_256"]["top-1 (torchvision)"] == "30.98"  # 100 - 69.020 (REFERENCE.md)
+    assert (
+        torchvision["A_256"]["top-1 (torchvision)"] == "30.98"
+    )  # 100 - 69.020 (torchvision's published vgg11 top-1 accuracy)
 
 
 def test_report_figures_are_valid_images(ablation):
@@ -166,7 +179,7 @@ def test_report_figures_are_valid_images(ablation):
 
 
 def test_depth_axis_follows_the_papers_table_1():
-    """Weight layers per configuration (REFERENCE.md, Table 1): A 11, B 13, C 16, D 16, E 19."""
+    """Weight layers per configuration (paper Table 1): A 11, B 13, C 16, D 16, E 19."""
     assert {net: report.depth(net) for net in sweeps.NETS} == {"A": 11, "A-LRN": 11, "B": 13, "C": 16, "D": 16, "E": 19}
     points = [plots.Point(net, "256", report.depth(net), 30.0, 10.0, None, None) for net in ("E", "C", "A", "D", "B")]
     fig = plots.error_vs_depth(points)
@@ -189,13 +202,20 @@ def test_a_failing_job_stops_the_sweep_with_its_log(tmp_path):
     def job(name: str, code: str, after: tuple[str, ...] = ()) -> plan.Job:
         return plan.Job(name, "train", ("-c", code), (), after, str(tmp_path / name), dict(num_train_steps=1))
 
-    ok = job("ok", f"import json, os; os.makedirs({str(tmp_path / 'ok')!r}); "
-                   f"open({str(tmp_path / 'ok' / 'results.json')!r}, 'w').write(json.dumps(dict(step=1)))")
+    ok = job(
+        "ok",
+        f"import json, os; os.makedirs({str(tmp_path / 'ok')!r}); "
+        f"open({str(tmp_path / 'ok' / 'results.json')!r}, 'w').write(json.dumps(dict(step=1)))",
+    )
     crash = job("crash", "print('boom: no such dataset'); raise SystemExit(3)", after=("ok",))
     with pytest.raises(SystemExit, match=r"(?s)crash exited with 3.*boom: no such dataset.*rerun the same command"):
         launch.run_local([ok, crash, job("never", "pass")], str(tmp_path), echo=lambda _: None)
     assert [(e["job"], e["event"]) for e in events(tmp_path)] == [
-        ("ok", "start"), ("ok", "done"), ("crash", "start"), ("crash", "failed")]
+        ("ok", "start"),
+        ("ok", "done"),
+        ("crash", "start"),
+        ("crash", "failed"),
+    ]
     with pytest.raises(SystemExit, match="ended before its last step"):  # exit 0 but not at its last step
         launch.run_local([job("stopped", "pass")], str(tmp_path), echo=lambda _: None)
 
@@ -223,20 +243,51 @@ def test_user_sweep_from_a_list_of_overrides(tmp_path):
     root = tmp_path / "runs"
     cli = ["--config.model.width=4"]
     sweep = sweeps.load(path, cli)
-    assert sweep.runs[:2] == sweeps.from_overrides(
-        "lr", "configs/demo.py", {"lr_high": ["--config.optimizer.learning_rate=0.05", *cli],
-                                  "lr_low": ["--config.optimizer.learning_rate=0.005", *cli]},
-        ["--config.num_train_steps=300"]).runs
+    assert (
+        sweep.runs[:2]
+        == sweeps.from_overrides(
+            "lr",
+            "configs/demo.py",
+            {
+                "lr_high": ["--config.optimizer.learning_rate=0.05", *cli],
+                "lr_low": ["--config.optimizer.learning_rate=0.005", *cli],
+            },
+            ["--config.num_train_steps=300"],
+        ).runs
+    )
     main = ["python", "-m", "vgg_jax.main", "--config=configs/demo.py"]
     expected = {
-        "lr_high": [*main, f"--workdir={root}/lr_high", "--config.num_train_steps=300",
-                    "--config.optimizer.learning_rate=0.05", *cli],
-        "lr_low": [*main, f"--workdir={root}/lr_low", "--config.num_train_steps=300",
-                   "--config.optimizer.learning_rate=0.005", *cli],
-        "lr_low_finetune": [*main, f"--workdir={root}/lr_low_finetune", "--config.num_train_steps=300",
-                            "--config.optimizer.learning_rate=5e-4", *cli, f"--config.init_from={root}/lr_low"],
-        "lr_low-dense": ["python", "-m", "vgg_jax.evaluate", f"--workdir={root}/lr_low", "--protocol=dense",
-                         "--scales=paper", f"--out={root}/evals/lr_low-dense"],
+        "lr_high": [
+            *main,
+            f"--workdir={root}/lr_high",
+            "--config.num_train_steps=300",
+            "--config.optimizer.learning_rate=0.05",
+            *cli,
+        ],
+        "lr_low": [
+            *main,
+            f"--workdir={root}/lr_low",
+            "--config.num_train_steps=300",
+            "--config.optimizer.learning_rate=0.005",
+            *cli,
+        ],
+        "lr_low_finetune": [
+            *main,
+            f"--workdir={root}/lr_low_finetune",
+            "--config.num_train_steps=300",
+            "--config.optimizer.learning_rate=5e-4",
+            *cli,
+            f"--config.init_from={root}/lr_low",
+        ],
+        "lr_low-dense": [
+            "python",
+            "-m",
+            "vgg_jax.evaluate",
+            f"--checkpoint={root}/lr_low",
+            "--protocol=dense",
+            "--scales=paper",
+            f"--out={root}/evals/lr_low-dense",
+        ],
     }
     jobs = plan.plan(sweep, str(root))
     assert {j.name: shlex.split(j.command()) for j in jobs} == expected
@@ -273,20 +324,30 @@ def test_paper_sweep_is_table_3_with_the_papers_chain():
     assert "--config.model.init_scheme=paper" in jobs["E_256"].args
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda: sweeps.paper(nets=["F"]), "Unknown or no nets"),
-    (lambda: sweeps.paper(nets=["B"], staged=True), "add A to the nets"),
-    (lambda: sweeps.Sweep("s", (sweeps.Run("a", "configs/demo.py", init_from="b"),)), "not runs of the sweep"),
-    (lambda: sweeps.Sweep("s", (sweeps.Run("a", "configs/demo.py", init_from="b"),
-                                sweeps.Run("b", "configs/demo.py", init_from="a"))), "dependency cycle"),
-    (lambda: sweeps.Sweep("s", (sweeps.Run("a", "configs/demo.py"),) * 2), "must be unique"),
-    (lambda: sweeps.Sweep("s", (sweeps.Run("a", "configs/demo.py", ("model.width=4",)),)), "--config.key=value"),
-    (lambda: sweeps.Sweep("s", (sweeps.Run("a", "configs/demo.py"),), (sweeps.Eval("e", ("a",), "densest"),)),
-     "densest"),
-    (lambda: sweeps.resolve_config("configs/demo.py", ["--config.model.widht=4"]), "widht"),
-    (lambda: sweeps.resolve_config("configs/nope.py"), "not found"),
-    (lambda: sweeps.paper().select(["Z_256"]), "not jobs of sweep"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: sweeps.paper(nets=["F"]), "Unknown or no nets"),
+        (lambda: sweeps.paper(nets=["B"], staged=True), "add A to the nets"),
+        (lambda: sweeps.Sweep("s", (sweeps.Run("a", "configs/demo.py", init_from="b"),)), "not runs of the sweep"),
+        (
+            lambda: sweeps.Sweep(
+                "s",
+                (sweeps.Run("a", "configs/demo.py", init_from="b"), sweeps.Run("b", "configs/demo.py", init_from="a")),
+            ),
+            "dependency cycle",
+        ),
+        (lambda: sweeps.Sweep("s", (sweeps.Run("a", "configs/demo.py"),) * 2), "must be unique"),
+        (lambda: sweeps.Sweep("s", (sweeps.Run("a", "configs/demo.py", ("model.width=4",)),)), "--config.key=value"),
+        (
+            lambda: sweeps.Sweep("s", (sweeps.Run("a", "configs/demo.py"),), (sweeps.Eval("e", ("a",), "densest"),)),
+            "densest",
+        ),
+        (lambda: sweeps.resolve_config("configs/demo.py", ["--config.model.widht=4"]), "widht"),
+        (lambda: sweeps.resolve_config("configs/nope.py"), "not found"),
+        (lambda: sweeps.paper().select(["Z_256"]), "not jobs of sweep"),
+    ],
+)
 def test_bad_sweeps_fail_with_a_clear_error(make, message):
     with pytest.raises(ValueError, match=message):
         make()
@@ -311,11 +372,12 @@ def fake_tools(directory: Path) -> Path:
     directory.mkdir()
     scripts = {
         # sbatch --parsable prints 'id;cluster'; ids count up from 100.
-        "sbatch": 'n=$(( $(cat "$FAKE_LOG" 2>/dev/null | wc -l) + 100 )); echo "$n $*" >> "$FAKE_LOG"; echo "$n;cluster"',
+        "sbatch": 'n=$(( $(cat "$FAKE_LOG" 2>/dev/null | wc -l) + 100 )); '
+        'echo "$n $*" >> "$FAKE_LOG"; echo "$n;cluster"',
         # srun: records its argv and JAX_LOCAL_DEVICE_IDS; with FAKE_STEP, "trains" to that step.
         "srun": 'echo "srun [${JAX_LOCAL_DEVICE_IDS:-}] $*" >> "$FAKE_LOG"; for a in "$@"; do case $a in '
-                '--workdir=*) wd=${a#--workdir=};; esac; done; '
-                'if [ -n "${FAKE_STEP:-}" ]; then mkdir -p "$wd"; echo "{\\"step\\": $FAKE_STEP}" > "$wd/results.json"; fi',
+        "--workdir=*) wd=${a#--workdir=};; esac; done; "
+        'if [ -n "${FAKE_STEP:-}" ]; then mkdir -p "$wd"; echo "{\\"step\\": $FAKE_STEP}" > "$wd/results.json"; fi',
         "scontrol": 'echo "scontrol $*" >> "$FAKE_LOG"',
         "gcloud": 'echo "gcloud $*" >> "$FAKE_LOG"',
     }
@@ -332,40 +394,75 @@ def test_slurm_submit_chains_jobs_with_afterok(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     monkeypatch.setenv("FAKE_LOG", str(log))
     root = tmp_path / "runs"
-    launch.main(["--sweep=paper", "--nets=A,D,E", "--staged", "--mode=slurm", f"--root={root}", "--nodes=2",
-                 "--partition=gpu", "--sbatch=--qos=high", "--submit", "--config.data.manual_dir=/data/imagenet"])
+    launch.main(
+        [
+            "--sweep=paper",
+            "--nets=A,D,E",
+            "--staged",
+            "--mode=slurm",
+            f"--root={root}",
+            "--nodes=2",
+            "--partition=gpu",
+            "--sbatch=--qos=high",
+            "--submit",
+            "--config.data.manual_dir=/data/imagenet",
+        ]
+    )
     _, jobs = plan.read_manifest(str(root))
     submitted = [line.split(" ") for line in log.read_text().splitlines()]
     id_of = {Path(args[-1]).stem: ident for ident, *args in submitted}
     assert list(id_of) == [j.name for j in jobs]  # every job once, in dependency order
-    for ident, *args in submitted:
+    for _, *args in submitted:
         job = next(j for j in jobs if j.name == Path(args[-1]).stem)
         if job.after:
-            assert args[:3] == ["--parsable", "--dependency=afterok:" + ":".join(id_of[d] for d in job.after),
-                                "--kill-on-invalid-dep=yes"]
+            assert args[:3] == [
+                "--parsable",
+                "--dependency=afterok:" + ":".join(id_of[d] for d in job.after),
+                "--kill-on-invalid-dep=yes",
+            ]
         else:
             assert args == ["--parsable", f"{job.name}.sbatch"]
     assert jobs[[j.name for j in jobs].index("D_384")].after == ("D_256",)
     assert jobs[[j.name for j in jobs].index("D_256")].after == ("A_256",)  # staged from A
     script = (root / "slurm" / "D_384.sbatch").read_text()
-    for option in ("--nodes=2", "--ntasks-per-node=8", "--gpus-per-node=8", "--partition=gpu", "--qos=high",
-                   "--requeue", "--signal=TERM@300", f"--output={root}/slurm/logs/%x-%j.out"):
+    for option in (
+        "--nodes=2",
+        "--ntasks-per-node=8",
+        "--gpus-per-node=8",
+        "--partition=gpu",
+        "--qos=high",
+        "--requeue",
+        "--signal=TERM@300",
+        f"--output={root}/slurm/logs/%x-%j.out",
+    ):
         assert f"#SBATCH {option}\n" in script
 
 
 def test_slurm_job_script_runs_srun_and_requeues_until_done(tmp_path):
     bin_dir = fake_tools(tmp_path / "bin")
     root = str(tmp_path / "runs")
-    job = next(j for j in plan.plan(sweeps.paper(["D"], ["256", "384"], tables=()), root, distributed=True)
-               if j.name == "D_384")
+    job = next(
+        j
+        for j in plan.plan(sweeps.paper(["D"], ["256", "384"], tables=()), root, distributed=True)
+        if j.name == "D_384"
+    )
     for per, tasks, visible in (("gpu", 8, ""), ("node", 1, "0,1,2,3,4,5,6,7")):
         opts = slurm.SlurmOptions(str(REPO), nodes=2, per=per, python=sys.executable)
         text = slurm.job_script(job, opts, "paper", "/logs")
         assert f"#SBATCH --ntasks-per-node={tasks}\n" in text
         srun = next(line for line in text.splitlines() if line.startswith("srun "))
-        assert shlex.split(srun) == ["srun", "--kill-on-bad-exit=1", "--gpu-bind=none", sys.executable, "-m",
-                                     "vgg_jax.main", "--config=configs/paper.py:D,384,gpu", f"--workdir={root}/D_384",
-                                     f"--config.init_from={root}/D_256", "--config.distributed.enabled=True"]
+        assert shlex.split(srun) == [
+            "srun",
+            "--kill-on-bad-exit=1",
+            "--gpu-bind=none",
+            sys.executable,
+            "-m",
+            "vgg_jax.main",
+            "--config=configs/paper.py:D,384,gpu",
+            f"--workdir={root}/D_384",
+            f"--config.init_from={root}/D_256",
+            "--config.distributed.enabled=True",
+        ]
         script = tmp_path / f"{per}.sbatch"
         script.write_text(text)
         log = tmp_path / f"{per}.log"
@@ -387,17 +484,29 @@ def test_slurm_job_script_runs_srun_and_requeues_until_done(tmp_path):
 
 def test_jax_distributed_initialises_from_the_slurm_environment():
     """What srun gives each task is enough for ``jax.distributed.initialize()`` with no arguments."""
-    code = ("import jax; jax.distributed.initialize(); "
-            "print(jax.process_index(), jax.process_count(), flush=True); jax.distributed.shutdown()")
+    code = (
+        "import jax; jax.distributed.initialize(); "
+        "print(jax.process_index(), jax.process_count(), flush=True); jax.distributed.shutdown()"
+    )
     port = free_port()
     procs = []
     for rank in range(2):
         env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-        env |= dict(SLURM_JOB_ID="7", SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2", SLURM_PROCID=str(rank),
-                    SLURM_LOCALID=str(rank), SLURM_STEP_NUM_NODES="1", JAX_COORDINATOR_PORT=str(port),
-                    JAX_PLATFORMS="cpu")
-        procs.append(subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
+        env |= dict(
+            SLURM_JOB_ID="7",
+            SLURM_STEP_NODELIST="localhost",
+            SLURM_NTASKS="2",
+            SLURM_PROCID=str(rank),
+            SLURM_LOCALID=str(rank),
+            SLURM_STEP_NUM_NODES="1",
+            JAX_COORDINATOR_PORT=str(port),
+            JAX_PLATFORMS="cpu",
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
     outputs = [p.communicate(timeout=120) for p in procs]
     assert [o[0].split() for o in outputs] == [["0", "2"], ["1", "2"]], [o[1][-2000:] for o in outputs]
 
@@ -415,23 +524,59 @@ def shell_words(line: str) -> list[str]:
 
 def test_tpu_commands_run_every_worker_in_order(tmp_path):
     bin_dir = fake_tools(tmp_path / "bin")
-    sweep = sweeps.paper(["A"], ["256", "384"], platform="tpu", tables=("3",),
-                         overrides=["--config.data.data_dir=gs://bucket/tfds"])
+    sweep = sweeps.paper(
+        ["A"], ["256", "384"], platform="tpu", tables=("3",), overrides=["--config.data.data_dir=gs://bucket/tfds"]
+    )
     jobs = plan.plan(sweep, "gs://bucket/runs", distributed=True)
     opts = tpu.TpuOptions("pod", "us-central2-b", project="proj", setup="source ~/venv/bin/activate")
     script, commands = tpu.write(jobs, opts, tmp_path / "tpu")
     args = shlex.split(commands[1])
-    assert args[:9] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "pod", "--zone=us-central2-b",
-                        "--project=proj", "--worker=all"]
+    assert args[:9] == [
+        "gcloud",
+        "compute",
+        "tpus",
+        "tpu-vm",
+        "ssh",
+        "pod",
+        "--zone=us-central2-b",
+        "--project=proj",
+        "--worker=all",
+    ]
     remote = shell_words(args[9].removeprefix("--command="))
     assert remote[:6] == ["cd", "vgg_jax", "&&", "source", "~/venv/bin/activate", "&&"]
-    assert remote[6:12] == ["{", "python3", "-m", "experiments.status", "--run=gs://bucket/runs/A_384", "--steps=370000"]
-    assert remote[12:] == ["||", "python3", "-m", "vgg_jax.main", "--config=configs/paper.py:A,384,tpu",
-                           "--workdir=gs://bucket/runs/A_384", "--config.data.data_dir=gs://bucket/tfds",
-                           "--config.init_from=gs://bucket/runs/A_256", "--config.distributed.enabled=True", ";", "}"]
+    assert remote[6:12] == [
+        "{",
+        "python3",
+        "-m",
+        "experiments.status",
+        "--run=gs://bucket/runs/A_384",
+        "--steps=370000",
+    ]
+    assert remote[12:] == [
+        "||",
+        "python3",
+        "-m",
+        "vgg_jax.main",
+        "--config=configs/paper.py:A,384,tpu",
+        "--workdir=gs://bucket/runs/A_384",
+        "--config.data.data_dir=gs://bucket/tfds",
+        "--config.init_from=gs://bucket/runs/A_256",
+        "--config.distributed.enabled=True",
+        ";",
+        "}",
+    ]
     eval_remote = shell_words(shlex.split(commands[2])[9].removeprefix("--command="))
-    assert eval_remote[13:] == ["python3", "-m", "vgg_jax.evaluate", "--workdir=gs://bucket/runs/A_256",
-                                "--protocol=dense", "--out=gs://bucket/runs/evals/A_256-dense", "--distributed", ";", "}"]
+    assert eval_remote[13:] == [
+        "python3",
+        "-m",
+        "vgg_jax.evaluate",
+        "--checkpoint=gs://bucket/runs/A_256",
+        "--protocol=dense",
+        "--out=gs://bucket/runs/evals/A_256-dense",
+        "--distributed.enabled=True",
+        ";",
+        "}",
+    ]
     log = tmp_path / "gcloud.log"
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_LOG=str(log))
     subprocess.run(["bash", str(script)], env=env, check=True, capture_output=True)

@@ -37,8 +37,11 @@ def _train_files() -> dict[str, list[tuple[str, bytes]]]:
         "n01739381": [(KNOWN_CMYK, img("n01739381", "cmyk")), ("n01739381_7.JPEG", img("n01739381"))],
         "n02105855": [(KNOWN_PNG, img("n02105855", "png"))],
         # Files the builder does not know about: a CMYK JPEG, a PNG named .JPEG, a truncated JPEG.
-        "n04592741": [("n04592741_1.JPEG", img("n04592741", "cmyk")), ("n04592741_2.JPEG", img("n04592741", "png")),
-                      ("n04592741_3.JPEG", fx.truncated_jpeg())],
+        "n04592741": [
+            ("n04592741_1.JPEG", img("n04592741", "cmyk")),
+            ("n04592741_2.JPEG", img("n04592741", "png")),
+            ("n04592741_3.JPEG", fx.truncated_jpeg()),
+        ],
         "n15075141": [(f"n15075141_{k}.JPEG", img("n15075141")) for k in (1, 2)],
     }
 
@@ -53,42 +56,42 @@ def imagenet(tmp_path_factory) -> dict:
 
 
 def make_cfg(imagenet: dict, **overrides):
-    cfg = data.default_data_config()
-    cfg.dataset = "imagenet2012"
-    cfg.manual_dir, cfg.data_dir = imagenet["manual_dir"], imagenet["data_dir"]
-    cfg.crop_size, cfg.scale_min, cfg.scale_max, cfg.eval_scales = 32, 36, 48, [40]
-    cfg.mean_rgb, cfg.pca_alpha_std = [0.0, 0.0, 0.0], 0.0  # pixels keep the class colour
-    cfg.update(overrides)
-    return cfg
+    config = data.default_data_config()
+    config.dataset = "imagenet2012"
+    config.manual_dir, config.data_dir = imagenet["manual_dir"], imagenet["data_dir"]
+    config.crop_size, config.scale_min, config.scale_max, config.eval_scales = 32, 36, 48, [40]
+    config.mean_rgb, config.pca_alpha_std = [0.0, 0.0, 0.0], 0.0  # pixels keep the class colour
+    config.update(overrides)
+    return config
 
 
-def records(cfg, split: str) -> list[dict]:
+def records(config, split: str) -> list[dict]:
     """The prepared records in split order, image bytes undecoded."""
-    builder = sources.get_source(cfg).builder
+    builder = sources.get_source(config).builder
     ds = builder.as_dataset(split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()})
     return list(ds.as_numpy_iterator())
 
 
 def test_prepared_by_the_real_builder_from_manual_dir(imagenet):
-    cfg = make_cfg(imagenet)
-    assert data.num_examples(cfg, "train") == sum(len(v) for v in _train_files().values()) == 13
-    assert data.num_examples(cfg, "validation") == NUM_VAL
-    assert data.num_classes(cfg) == 1000
-    assert data.class_names(cfg) == fx.imagenet_synsets()
-    builder = sources.get_source(cfg).builder
+    config = make_cfg(imagenet)
+    assert data.num_examples(config, "train") == sum(len(v) for v in _train_files().values()) == 13
+    assert data.num_examples(config, "validation") == NUM_VAL
+    assert data.num_classes(config) == 1000
+    assert data.class_names(config) == fx.imagenet_synsets()
+    builder = sources.get_source(config).builder
     assert builder.name == "imagenet2012" and builder.is_prepared()
     # The builder re-encoded the files it knows about; unknown CMYK / PNG files stay as they were.
-    mode = {r["file_name"].decode(): Image.open(io.BytesIO(r["image"])) for r in records(cfg, "train")}
+    mode = {r["file_name"].decode(): Image.open(io.BytesIO(r["image"])) for r in records(config, "train")}
     assert mode[KNOWN_CMYK].format == "JPEG" and mode[KNOWN_CMYK].mode == "RGB"
     assert mode[KNOWN_PNG].format == "JPEG"
     assert mode["n04592741_1.JPEG"].mode == "CMYK" and mode["n04592741_2.JPEG"].format == "PNG"
 
 
 def test_train_batches_shapes_dtypes_labels(imagenet, caplog):
-    cfg = make_cfg(imagenet)
+    config = make_cfg(imagenet)
     syn = fx.imagenet_synsets()
-    names = [r["file_name"].decode() for r in records(cfg, "train")]
-    it = data.create_train_iterator(cfg, global_batch_size=4, seed=0, process_index=0, process_count=1)
+    names = [r["file_name"].decode() for r in records(config, "train")]
+    it = data.create_train_iterator(config, global_batch_size=4, seed=0, process_index=0, process_count=1)
     with caplog.at_level(logging.WARNING, logger="vgg_jax.data.pipeline"):
         batches = [next(it) for _ in range(3)]  # 12 examples: the 12 decodable ones, one epoch
     seen = []
@@ -110,16 +113,17 @@ def test_train_batches_shapes_dtypes_labels(imagenet, caplog):
 
 
 def test_validation_labels_follow_tfds_validation_labels(imagenet):
-    cfg = make_cfg(imagenet)
+    config = make_cfg(imagenet)
     syn, truth = fx.imagenet_synsets(), fx.imagenet_validation_labels()
-    names = [r["file_name"].decode() for r in records(cfg, "validation")]
-    ev = data.create_eval_iterator(cfg, view="center", scale=40, global_batch_size=4, process_index=0,
-                                   process_count=1)
+    names = [r["file_name"].decode() for r in records(config, "validation")]
+    ev = data.create_eval_iterator(
+        config, view="center", scale=40, global_batch_size=4, process_index=0, process_count=1
+    )
     seen = []
     for b in ev:
         assert b["image"].shape == (4, 32, 32, 3) and b["valid"].dtype == bool
         for img, label, i in zip(b["image"][b["valid"]], b["label"][b["valid"]], b["index"][b["valid"]]):
-            number = int(names[i][len("ILSVRC2012_val_"):-len(".JPEG")])
+            number = int(names[i][len("ILSVRC2012_val_") : -len(".JPEG")])
             assert label == syn.index(truth[number - 1])  # the published label of that val image
             assert fx.colour_label(img.mean(axis=(0, 1))) == label
             seen.append(number)

@@ -54,14 +54,17 @@ def test_feature_reconstruction_and_style_losses():
     c, m = f.shape[-1], f.shape[1] * f.shape[2]
     fm, am = f.reshape(m, c).T, a.reshape(m, c).T
     gatys = np.sum((fm @ fm.T - am @ am.T) ** 2) / (4 * c**2 * m**2)
-    ours = losses.style_loss({"l": jnp.asarray(f, jnp.float32)}, {"l": losses.gram_matrix(jnp.asarray(a, jnp.float32))},
-                             {"l": 1.0})
+    ours = losses.style_loss(
+        {"l": jnp.asarray(f, jnp.float32)}, {"l": losses.gram_matrix(jnp.asarray(a, jnp.float32))}, {"l": 1.0}
+    )
     np.testing.assert_allclose(ours / 4, gatys, rtol=1e-4)
 
 
 def test_total_variation_matches_tensorflow():
     x = np.random.default_rng(3).uniform(size=(3, 7, 5, 3)).astype(np.float32)
-    np.testing.assert_allclose(losses.total_variation(jnp.asarray(x)), np.mean(tf.image.total_variation(tf.constant(x))), rtol=1e-5)
+    np.testing.assert_allclose(
+        losses.total_variation(jnp.asarray(x)), np.mean(tf.image.total_variation(tf.constant(x))), rtol=1e-5
+    )
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +74,8 @@ def tiny_vgg():
     rng = np.random.default_rng(0)
     params = jax.tree_util.tree_map(
         lambda s: rng.normal(size=s.shape, scale=np.sqrt(2 / np.prod(s.shape[:-1])) if len(s.shape) == 4 else 0.1),
-        models.variable_shapes(model)["params"])
+        models.variable_shapes(model)["params"],
+    )
     return model, {"params": jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float32), params)}
 
 
@@ -83,8 +87,9 @@ def test_perceptual_loss_through_the_network(tiny_vgg):
     loss_fn = jax.jit(lambda a, b: losses.perceptual_loss(model, variables, a, b, weights))
     fx = models.extract_features(model, variables, x, weights)
     fy = models.extract_features(model, variables, y, weights)
-    expected = sum(w * np.mean((np.asarray(fx[k], np.float64) - np.asarray(fy[k], np.float64)) ** 2)
-                   for k, w in weights.items())
+    expected = sum(
+        w * np.mean((np.asarray(fx[k], np.float64) - np.asarray(fy[k], np.float64)) ** 2) for k, w in weights.items()
+    )
     assert expected > 0
     np.testing.assert_allclose(loss_fn(x, y), expected, rtol=1e-4)
     assert float(loss_fn(x, x)) == 0.0

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from vgg_jax import checkpoints
+
 from tiny_runs import TINY, free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,15 +28,16 @@ def main_command(workdir: Path, data_dir: str, *overrides: str, script: str | No
 
 def run_main(workdir: Path, data_dir: str, *overrides: str, expect_ok: bool = True) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.run(main_command(workdir, data_dir, *overrides), cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        main_command(workdir, data_dir, *overrides), cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
     if expect_ok:
         assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
 
 def final_params(workdir: Path) -> dict[str, np.ndarray]:
-    variables = checkpoints.restore_variables(workdir)
+    variables = checkpoints.restore_model(workdir)[1]
     flat = {}
     for name, layer in variables["params"].items():
         for leaf, value in layer.items():
@@ -64,8 +66,13 @@ def latest_step(workdir: Path) -> int:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, data_dir) -> Path:
     workdir = tmp_path_factory.mktemp("uninterrupted")
-    run_main(workdir, data_dir, "--config.num_train_steps=12", "--config.checkpoint.every_steps=2",
-             "--config.eval_every_steps=6")
+    run_main(
+        workdir,
+        data_dir,
+        "--config.num_train_steps=12",
+        "--config.checkpoint.every_steps=2",
+        "--config.eval_every_steps=6",
+    )
     return workdir
 
 
@@ -82,8 +89,13 @@ def test_run_writes_checkpoints_metrics_and_results(uninterrupted):
 
 
 def test_same_seed_same_parameters(uninterrupted, tmp_path, data_dir):
-    run_main(tmp_path, data_dir, "--config.num_train_steps=12", "--config.checkpoint.every_steps=2",
-             "--config.eval_every_steps=6")
+    run_main(
+        tmp_path,
+        data_dir,
+        "--config.num_train_steps=12",
+        "--config.checkpoint.every_steps=2",
+        "--config.eval_every_steps=6",
+    )
     assert_params_equal(final_params(uninterrupted), final_params(tmp_path))
     other = tmp_path / "other_seed"
     run_main(other, data_dir, "--config.num_train_steps=12", "--config.seed=1", "--config.eval_every_steps=12")
@@ -106,21 +118,37 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
 
 def test_sigkill_then_resume_reaches_the_same_parameters(uninterrupted, tmp_path, data_dir):
     """SIGKILL (no chance to clean up) after half the steps; the restart resumes and matches."""
-    cmd = main_command(tmp_path, data_dir, "--config.num_train_steps=12", "--config.checkpoint.every_steps=2",
-                       "--config.eval_every_steps=6")
+    cmd = main_command(
+        tmp_path,
+        data_dir,
+        "--config.num_train_steps=12",
+        "--config.checkpoint.every_steps=2",
+        "--config.eval_every_steps=6",
+    )
     proc = _start(cmd)
     _wait_for(lambda: latest_step(tmp_path) >= 6, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert latest_step(tmp_path) < 12
-    run_main(tmp_path, data_dir, "--config.num_train_steps=12", "--config.checkpoint.every_steps=2",
-             "--config.eval_every_steps=6")
+    run_main(
+        tmp_path,
+        data_dir,
+        "--config.num_train_steps=12",
+        "--config.checkpoint.every_steps=2",
+        "--config.eval_every_steps=6",
+    )
     assert_params_equal(final_params(uninterrupted), final_params(tmp_path))
 
 
 def test_sigkill_during_async_save_resumes_from_last_complete_checkpoint(uninterrupted, tmp_path, data_dir):
-    cmd = main_command(tmp_path, data_dir, "--config.num_train_steps=12", "--config.checkpoint.every_steps=2",
-                       "--config.eval_every_steps=6", script=str(KILL_DURING_SAVE))
+    cmd = main_command(
+        tmp_path,
+        data_dir,
+        "--config.num_train_steps=12",
+        "--config.checkpoint.every_steps=2",
+        "--config.eval_every_steps=6",
+        script=str(KILL_DURING_SAVE),
+    )
     proc = _start(cmd)
     # slow_save_main.py stalls the save of step 6 half-way, after its temporary directory exists.
     _wait_for(lambda: (tmp_path / "checkpoints" / "stalled").exists(), proc)
@@ -128,15 +156,27 @@ def test_sigkill_during_async_save_resumes_from_last_complete_checkpoint(uninter
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert checkpoints.find_checkpoint(tmp_path).name == "4"
-    run_main(tmp_path, data_dir, "--config.num_train_steps=12", "--config.checkpoint.every_steps=2",
-             "--config.eval_every_steps=6")
+    run_main(
+        tmp_path,
+        data_dir,
+        "--config.num_train_steps=12",
+        "--config.checkpoint.every_steps=2",
+        "--config.eval_every_steps=6",
+    )
     assert not list((tmp_path / "checkpoints").glob("*tmp*"))
     assert_params_equal(final_params(uninterrupted), final_params(tmp_path))
 
 
 def test_sigterm_saves_a_final_checkpoint(tmp_path, data_dir):
-    proc = _start(main_command(tmp_path, data_dir, "--config.num_train_steps=100000",
-                               "--config.checkpoint.every_steps=5", "--config.eval_every_steps=1000"))
+    proc = _start(
+        main_command(
+            tmp_path,
+            data_dir,
+            "--config.num_train_steps=100000",
+            "--config.checkpoint.every_steps=5",
+            "--config.eval_every_steps=1000",
+        )
+    )
     _wait_for(lambda: latest_step(tmp_path) >= 5, proc)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 0, proc.stderr.read()[-3000:]
@@ -146,8 +186,15 @@ def test_sigterm_saves_a_final_checkpoint(tmp_path, data_dir):
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, data_dir):
-    proc = run_main(tmp_path, data_dir, "--config.num_train_steps=50", "--config.checkpoint.every_steps=1",
-                    "--config.eval_every_steps=1000", "--config.optimizer.learning_rate=1e12", expect_ok=False)
+    proc = run_main(
+        tmp_path,
+        data_dir,
+        "--config.num_train_steps=50",
+        "--config.checkpoint.every_steps=1",
+        "--config.eval_every_steps=1000",
+        "--config.optimizer.learning_rate=1e12",
+        expect_ok=False,
+    )
     assert proc.returncode != 0
     assert "Non-finite loss or gradient at step" in proc.stderr
     bad_step = int(proc.stderr.split("Non-finite loss or gradient at step ")[1].split()[0])
@@ -173,9 +220,16 @@ def test_misspelt_config_key_is_a_clear_error(tmp_path, data_dir):
 def test_loss_falls_on_the_builtin_data(tmp_path, data_dir):
     import tensorflow as tf
 
-    run_main(tmp_path, data_dir, "--config.num_train_steps=60", "--config.eval_every_steps=60",
-             "--config.checkpoint.every_steps=60", "--config.log_every_steps=10",
-             "--config.optimizer.learning_rate=0.01", "--config.model.dropout_rate=0.0")
+    run_main(
+        tmp_path,
+        data_dir,
+        "--config.num_train_steps=60",
+        "--config.eval_every_steps=60",
+        "--config.checkpoint.every_steps=60",
+        "--config.log_every_steps=10",
+        "--config.optimizer.learning_rate=0.01",
+        "--config.model.dropout_rate=0.0",
+    )
     losses = {}
     for path in tmp_path.glob("events.out.tfevents.*"):
         for event in tf.compat.v1.train.summary_iterator(str(path)):
@@ -192,12 +246,19 @@ def test_two_process_training_checkpoints_and_resumes(tmp_path, data_dir):
     def launch(steps: int) -> None:
         port = free_port()
         procs = [
-            _start(main_command(
-                tmp_path, data_dir, f"--config.num_train_steps={steps}", "--config.checkpoint.every_steps=2",
-                "--config.eval_every_steps=4", "--config.distributed.enabled=True",
-                f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-                "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
-            ))
+            _start(
+                main_command(
+                    tmp_path,
+                    data_dir,
+                    f"--config.num_train_steps={steps}",
+                    "--config.checkpoint.every_steps=2",
+                    "--config.eval_every_steps=4",
+                    "--config.distributed.enabled=True",
+                    f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                    "--config.distributed.num_processes=2",
+                    f"--config.distributed.process_id={i}",
+                )
+            )
             for i in range(2)
         ]
         for p in procs:
@@ -215,8 +276,12 @@ def test_two_process_training_checkpoints_and_resumes(tmp_path, data_dir):
 def test_init_from_and_staged_init_from_another_run(uninterrupted, tmp_path, data_dir):
     """The paper's chain: a run starts from another's parameters; B..E start from a trained A (Sect. 3.1)."""
     a_params = final_params(uninterrupted)  # a trained configuration A (vgg11) run
-    frozen = ["--config.num_train_steps=1", "--config.optimizer.learning_rate=0.0", "--config.eval_every_steps=1",
-              "--config.optimizer.weight_decay=0.0"]
+    frozen = [
+        "--config.num_train_steps=1",
+        "--config.optimizer.learning_rate=0.0",
+        "--config.eval_every_steps=1",
+        "--config.optimizer.weight_decay=0.0",
+    ]
     finetune = tmp_path / "finetune"
     run_main(finetune, data_dir, *frozen, f"--config.init_from={uninterrupted}")
     assert_params_equal(a_params, final_params(finetune))
@@ -232,8 +297,13 @@ def test_init_from_and_staged_init_from_another_run(uninterrupted, tmp_path, dat
 
 def test_rerunning_a_finished_run_keeps_its_results(uninterrupted, data_dir):
     before = (uninterrupted / "results.json").read_text()
-    run_main(uninterrupted, data_dir, "--config.num_train_steps=12", "--config.checkpoint.every_steps=2",
-             "--config.eval_every_steps=6")
+    run_main(
+        uninterrupted,
+        data_dir,
+        "--config.num_train_steps=12",
+        "--config.checkpoint.every_steps=2",
+        "--config.eval_every_steps=6",
+    )
     assert (uninterrupted / "results.json").read_text() == before
     assert latest_step(uninterrupted) == 12
 
@@ -242,8 +312,17 @@ def test_relative_workdir_as_in_the_readme(tmp_path, data_dir):
     """The README's command passes a relative workdir; orbax itself only accepts absolute paths."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHONPATH"] = str(REPO)  # the config files import `configs.default`
-    cmd = [sys.executable, "-m", "vgg_jax.main", "--workdir=runs/tiny", *TINY, f"--config.data.data_dir={data_dir}",
-           "--config.num_train_steps=2", "--config.checkpoint.every_steps=2", "--config.eval_every_steps=2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vgg_jax.main",
+        "--workdir=runs/tiny",
+        *TINY,
+        f"--config.data.data_dir={data_dir}",
+        "--config.num_train_steps=2",
+        "--config.checkpoint.every_steps=2",
+        "--config.eval_every_steps=2",
+    ]
     cmd[cmd.index("--config=configs/demo.py")] = f"--config={REPO / 'configs' / 'demo.py'}"
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -1,4 +1,5 @@
-"""Model zoo tests. Expected numbers come from ../shared/REFERENCE.md (paper Table 1, torchvision)."""
+"""Model zoo tests. Configurations: the paper's Table 1; parameter counts and GMACs: torchvision's published
+weights metadata (https://pytorch.org/vision/stable/models/vgg.html, ``num_params`` and ``_ops``)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 
 from vgg_jax import models
 
-# REFERENCE.md "Configurations": exact trainable parameter counts at 1000 classes.
+# torchvision's published num_params (e.g. VGG16_Weights.IMAGENET1K_V1.meta): trainable parameters, 1000 classes.
 PUBLISHED_PARAMS = {
     "vgg11": 132_863_336,
     "vgg11_lrn": 132_863_336,
@@ -24,7 +25,7 @@ PUBLISHED_PARAMS = {
     "vgg16_bn": 138_365_992,
     "vgg19_bn": 143_678_248,
 }
-# REFERENCE.md: torchvision's `_ops` (GMACs at 224).
+# torchvision's published `_ops` (GMACs at 224).
 PUBLISHED_GMACS = {"vgg11": 7.609, "vgg13": 11.308, "vgg16": 15.47, "vgg19": 19.632}
 
 TINY = dict(width=4, fc_width=16, crop_size=64, num_classes=7)
@@ -55,7 +56,7 @@ def test_community_layer_names_and_fc_as_conv_shapes():
     assert p["fc6"]["kernel"].shape == (7, 7, 512, 4096)
     assert p["fc7"]["kernel"].shape == (1, 1, 4096, 4096)
     assert p["fc8"]["kernel"].shape == (1, 1, 4096, 1000)
-    # fc6 of VGG-16 alone has 102,764,544 parameters (REFERENCE.md).
+    # fc6 of VGG-16 alone: 7 x 7 x 512 x 4096 weights + 4096 biases = 102,764,544 parameters.
     vgg16 = models.variable_shapes(models.get_model("vgg16"))["params"]
     assert models.count_params(vgg16["fc6"]) == 102_764_544
     # Configuration C: the last conv of blocks 3-5 is 1x1.
@@ -149,7 +150,9 @@ def test_paper_init_statistics():
     kernel = np.asarray(params["conv3_1"]["kernel"], np.float64)
     assert kernel.std() == pytest.approx(0.01, rel=0.05) and abs(kernel.mean()) < 1e-3
     assert not np.any(params["conv3_1"]["bias"]) and not np.any(params["fc7"]["bias"])
-    glorot = models.init_variables(models.get_model("vgg11", width=16, fc_width=64, init_scheme="glorot"), jax.random.key(0))
+    glorot = models.init_variables(
+        models.get_model("vgg11", width=16, fc_width=64, init_scheme="glorot"), jax.random.key(0)
+    )
     k = np.asarray(glorot["params"]["conv3_1"]["kernel"], np.float64)
     fan_in, fan_out = 9 * 32, 9 * 64
     assert k.std() == pytest.approx(np.sqrt(2 / (fan_in + fan_out)), rel=0.05)
@@ -229,7 +232,9 @@ def test_bfloat16_forward_close_to_float32():
     f32 = tiny("vgg16", init_scheme="glorot")
     bf16 = tiny("vgg16", init_scheme="glorot", dtype="bfloat16")
     variables = models.init_variables(f32, jax.random.key(0))
-    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(models.init_variables(bf16, jax.random.key(0))))
+    assert all(
+        x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(models.init_variables(bf16, jax.random.key(0)))
+    )
     x = random_images((4, 64, 64, 3))
     a, b = f32.apply(variables, x), bf16.apply(variables, x)
     assert b.dtype == jnp.float32

@@ -39,10 +39,14 @@ def tiny(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("tiny_folder")
     rng = np.random.default_rng(0)
     splits = {
-        "train": {c: [(f"{c}_{i}.jpg", fx.encode(fx.solid(k, s))) for i, s in enumerate(_sizes(rng, TRAIN_PER_CLASS))]
-                  for k, c in enumerate(CLASSES)},
-        "val": {c: [(f"{c}_{i}.JPEG", fx.encode(fx.solid(k, s))) for i, s in enumerate(_sizes(rng, n))]
-                for k, (c, n) in enumerate(zip(CLASSES, VAL_COUNTS))},
+        "train": {
+            c: [(f"{c}_{i}.jpg", fx.encode(fx.solid(k, s))) for i, s in enumerate(_sizes(rng, TRAIN_PER_CLASS))]
+            for k, c in enumerate(CLASSES)
+        },
+        "val": {
+            c: [(f"{c}_{i}.JPEG", fx.encode(fx.solid(k, s))) for i, s in enumerate(_sizes(rng, n))]
+            for k, (c, n) in enumerate(zip(CLASSES, VAL_COUNTS))
+        },
     }
     fx.write_folder(str(root), splits)
     with open(root / "train" / "c0" / "notes.txt", "w") as f:  # not an image: ignored
@@ -51,14 +55,14 @@ def tiny(tmp_path_factory) -> dict:
 
 
 def make_cfg(ds: dict, **overrides):
-    cfg = data.default_data_config()
-    cfg.dataset = "folder"
-    cfg.folder = ds["folder"]
-    cfg.data_dir = ds["data_dir"]
-    cfg.crop_size, cfg.scale_min, cfg.scale_max, cfg.eval_scales = 32, 36, 48, [40]
-    cfg.shuffle_chunk, cfg.shuffle_buffer = 4, 8
-    cfg.update(overrides)
-    return cfg
+    config = data.default_data_config()
+    config.dataset = "folder"
+    config.folder = ds["folder"]
+    config.data_dir = ds["data_dir"]
+    config.crop_size, config.scale_min, config.scale_max, config.eval_scales = 32, 36, 48, [40]
+    config.shuffle_chunk, config.shuffle_buffer = 4, 8
+    config.update(overrides)
+    return config
 
 
 def take(it, n: int) -> list[dict]:
@@ -73,9 +77,9 @@ def assert_same_batches(a: list[dict], b: list[dict]) -> None:
             np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
-def record_file_names(cfg, split: str) -> list[str]:
+def record_file_names(config, split: str) -> list[str]:
     """file_name of each example in split order (index i = record i), read straight through TFDS."""
-    builder = sources.get_source(cfg).builder
+    builder = sources.get_source(config).builder
     ds = builder.as_dataset(split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()})
     return [ex["file_name"].decode() for ex in ds.as_numpy_iterator()]
 
@@ -85,8 +89,8 @@ def record_file_names(cfg, split: str) -> list[str]:
 
 
 def test_train_batches_shapes_dtypes_and_labels_match_pixels(tiny):
-    cfg = make_cfg(tiny, mean_rgb=[0.0, 0.0, 0.0], pca_alpha_std=0.0)
-    it = data.create_train_iterator(cfg, global_batch_size=6, seed=0, process_index=0, process_count=1)
+    config = make_cfg(tiny, mean_rgb=[0.0, 0.0, 0.0], pca_alpha_std=0.0)
+    it = data.create_train_iterator(config, global_batch_size=6, seed=0, process_index=0, process_count=1)
     batches = take(it, 12)  # 72 examples: two epochs
     for b in batches:
         assert b["image"].shape == (6, 32, 32, 3) and b["image"].dtype == np.float32
@@ -97,15 +101,17 @@ def test_train_batches_shapes_dtypes_and_labels_match_pixels(tiny):
     for epoch in (indices[:36], indices[36:]):  # each epoch: every example once, shuffled
         assert sorted(epoch) == list(range(36))
     assert not np.array_equal(indices[:36], np.arange(36)) and not np.array_equal(indices[:36], indices[36:])
-    assert it.epoch == 2.0 and data.num_examples(cfg, "train") == 36
-    assert data.class_names(cfg) == CLASSES and data.num_classes(cfg) == 4
+    assert it.epoch == 2.0 and data.num_examples(config, "train") == 36
+    assert data.class_names(config) == CLASSES and data.num_classes(config) == 4
 
 
 def test_same_seed_same_batches_other_seed_other_order(tiny):
-    cfg = make_cfg(tiny)
+    config = make_cfg(tiny)
 
     def run(seed: int) -> list[dict]:
-        return take(data.create_train_iterator(cfg, global_batch_size=5, seed=seed, process_index=0, process_count=1), 9)
+        return take(
+            data.create_train_iterator(config, global_batch_size=5, seed=seed, process_index=0, process_count=1), 9
+        )
 
     a, b, c = run(7), run(7), run(8)
     assert_same_batches(a, b)
@@ -121,10 +127,10 @@ def test_same_seed_same_batches_other_seed_other_order(tiny):
 
 @pytest.mark.parametrize("consumed", [5, 7])  # mid-window in epoch 0 (25 examples); epoch 0 end (35 of 36)
 def test_restore_continues_exactly(tiny, consumed):
-    cfg = make_cfg(tiny)
+    config = make_cfg(tiny)
 
     def make() -> pipeline.TrainIterator:
-        return data.create_train_iterator(cfg, global_batch_size=5, seed=1, process_index=0, process_count=1)
+        return data.create_train_iterator(config, global_batch_size=5, seed=1, process_index=0, process_count=1)
 
     straight = make()
     take(straight, consumed)
@@ -137,10 +143,10 @@ def test_restore_continues_exactly(tiny, consumed):
 
 
 def test_restore_rejects_other_layout(tiny):
-    cfg = make_cfg(tiny)
-    it = data.create_train_iterator(cfg, global_batch_size=4, seed=1, process_index=0, process_count=1)
+    config = make_cfg(tiny)
+    it = data.create_train_iterator(config, global_batch_size=4, seed=1, process_index=0, process_count=1)
     next(it)
-    other = data.create_train_iterator(cfg, global_batch_size=4, seed=2, process_index=0, process_count=1)
+    other = data.create_train_iterator(config, global_batch_size=4, seed=2, process_index=0, process_count=1)
     with pytest.raises(ValueError, match="seed"):
         other.set_state(it.get_state())
 
@@ -151,10 +157,10 @@ def test_batch_not_divisible_by_processes(tiny):
 
 
 def test_processes_read_disjoint_parts_in_process(tiny):
-    cfg = make_cfg(tiny)
+    config = make_cfg(tiny)
     seen = []
     for p in range(3):
-        it = data.create_train_iterator(cfg, global_batch_size=6, seed=0, process_index=p, process_count=3)
+        it = data.create_train_iterator(config, global_batch_size=6, seed=0, process_index=p, process_count=3)
         n = it.get_state()["layout"]["examples"]
         seen.append(np.concatenate([b["index"] for b in take(it, 6)])[:n])  # 12 examples: one epoch
     assert [len(s) for s in seen] == [12, 12, 12]
@@ -163,16 +169,37 @@ def test_processes_read_disjoint_parts_in_process(tiny):
 
 def test_two_jax_processes_see_disjoint_examples(tiny, tmp_path):
     """Two real processes (jax.distributed, gloo, 127.0.0.1): train and eval split between them."""
-    cfg = make_cfg(tiny)
-    data.num_examples(cfg, "train")  # prepare once, before the workers start
-    cfg_json = json.dumps({k: cfg[k] for k in ("dataset", "folder", "data_dir", "crop_size", "scale_min",
-                                                "scale_max", "eval_scales", "shuffle_chunk", "shuffle_buffer")})
+    config = make_cfg(tiny)
+    data.num_examples(config, "train")  # prepare once, before the workers start
+    cfg_json = json.dumps(
+        {
+            k: config[k]
+            for k in (
+                "dataset",
+                "folder",
+                "data_dir",
+                "crop_size",
+                "scale_min",
+                "scale_max",
+                "eval_scales",
+                "shuffle_chunk",
+                "shuffle_buffer",
+            )
+        }
+    )
     port = free_port()
     worker = os.path.join(os.path.dirname(__file__), "data_worker.py")
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     outs = [str(tmp_path / f"out{i}.json") for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, worker, str(i), str(port), cfg_json, outs[i]], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, worker, str(i), str(port), cfg_json, outs[i]],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for i in range(2)
+    ]
     logs = [p.communicate(timeout=240)[0].decode() for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
     r = [json.load(open(o)) for o in outs]
@@ -193,11 +220,12 @@ def test_two_jax_processes_see_disjoint_examples(tiny, tmp_path):
 
 @pytest.mark.parametrize("batch", [2, 4, 12])
 def test_center_eval_every_example_once_over_processes(tiny, batch):
-    cfg = make_cfg(tiny, mean_rgb=[0.0, 0.0, 0.0])
+    config = make_cfg(tiny, mean_rgb=[0.0, 0.0, 0.0])
     valid, counts = [], []
     for p in range(2):
-        ev = data.create_eval_iterator(cfg, view="center", scale=40, global_batch_size=batch, process_index=p,
-                                       process_count=2)
+        ev = data.create_eval_iterator(
+            config, view="center", scale=40, global_batch_size=batch, process_index=p, process_count=2
+        )
         batches = list(ev)
         counts.append(len(batches))
         assert len(batches) == len(ev) == ev.num_batches and ev.num_examples == 11
@@ -212,40 +240,48 @@ def test_center_eval_every_example_once_over_processes(tiny, batch):
 
 
 def test_eval_with_more_processes_than_examples(tiny):
-    cfg = make_cfg(tiny, eval_split="validation[:3]")
+    config = make_cfg(tiny, eval_split="validation[:3]")
     valid = []
     for p in range(5):  # processes 3 and 4 own no example: they still yield one all-padding batch
-        batches = list(data.create_eval_iterator(cfg, view="center", scale=40, global_batch_size=10, process_index=p,
-                                                 process_count=5))
+        batches = list(
+            data.create_eval_iterator(
+                config, view="center", scale=40, global_batch_size=10, process_index=p, process_count=5
+            )
+        )
         assert [b["image"].shape for b in batches] == [(2, 32, 32, 3)]
         valid += batches[0]["index"][batches[0]["valid"]].tolist()
     assert sorted(valid) == [0, 1, 2]
 
 
 def test_multicrop_eval_layout(tiny):
-    cfg = make_cfg(tiny)
-    ev = data.create_eval_iterator(cfg, view="multicrop", scale=40, global_batch_size=4, process_index=0,
-                                   process_count=1)
+    config = make_cfg(tiny)
+    ev = data.create_eval_iterator(
+        config, view="multicrop", scale=40, global_batch_size=4, process_index=0, process_count=1
+    )
     batches = list(ev)
     assert [b["image"].shape for b in batches] == [(4, 50, 32, 32, 3)] * 3
     assert sum(int(b["valid"].sum()) for b in batches) == 11
 
 
 def test_dense_eval_buckets_pad_and_carry_sizes(tiny):
-    cfg = make_cfg(tiny, dense_aspect_buckets=[1.25, 2.0])
+    config = make_cfg(tiny, dense_aspect_buckets=[1.25, 2.0])
     scale = 40
     canvases = pipeline.dense_canvases(scale, [1.25, 2.0])
     assert canvases == [(40, 64), (40, 96), (64, 40), (96, 40)]  # ceil32(1.25 * 40) = 64, ceil32(80) = 96
-    tcfg = transforms.TransformConfig.from_config(cfg)
+    transform_config = transforms.TransformConfig.from_config(config)
     raw = {}  # index -> encoded bytes, read straight through TFDS in record order
-    builder = sources.get_source(cfg).builder
-    for i, ex in enumerate(builder.as_dataset(split="validation", shuffle_files=False,
-                                              decoders={"image": tfds.decode.SkipDecoding()}).as_numpy_iterator()):
+    builder = sources.get_source(config).builder
+    for i, ex in enumerate(
+        builder.as_dataset(
+            split="validation", shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()}
+        ).as_numpy_iterator()
+    ):
         raw[i] = ex["image"]
     runs = []
     for p in range(2):
-        ev = data.create_eval_iterator(cfg, view="dense", scale=scale, global_batch_size=4, process_index=p,
-                                       process_count=2)
+        ev = data.create_eval_iterator(
+            config, view="dense", scale=scale, global_batch_size=4, process_index=p, process_count=2
+        )
         runs.append(list(ev))
     assert [b["image"].shape for b in runs[0]] == [b["image"].shape for b in runs[1]]  # same shapes, same order
     seen = []
@@ -256,7 +292,7 @@ def test_dense_eval_buckets_pad_and_carry_sizes(tiny):
                 assert i == -1 and h == w == 0 and not img.any()
                 continue
             seen.append(int(i))
-            full = transforms.eval_full_view(tf.constant(raw[int(i)]), scale, tcfg).numpy()
+            full = transforms.eval_full_view(tf.constant(raw[int(i)]), scale, transform_config).numpy()
             assert (h, w) == full.shape[:2] and min(h, w) == scale
             np.testing.assert_array_equal(img[:h, :w], full)
             assert not img[h:].any() and not img[:, w:].any()
@@ -284,8 +320,12 @@ def bad(tmp_path_factory) -> dict:
 
     def split_files() -> dict:
         return {
-            "c0": [("good_0.JPEG", fx.encode(fx.solid(0, size))), ("good_1.JPEG", fx.encode(fx.solid(0, size))),
-                   ("truncated.JPEG", fx.truncated_jpeg()), ("garbage.JPEG", b"this is not an image")],
+            "c0": [
+                ("good_0.JPEG", fx.encode(fx.solid(0, size))),
+                ("good_1.JPEG", fx.encode(fx.solid(0, size))),
+                ("truncated.JPEG", fx.truncated_jpeg()),
+                ("garbage.JPEG", b"this is not an image"),
+            ],
             "c1": [(f"{kind}.JPEG", fx.encode(fx.solid(1, size), kind)) for kind in ("cmyk", "gray", "png")],
         }
 
@@ -298,9 +338,9 @@ BAD_FILES = {"c0/truncated.JPEG", "c0/garbage.JPEG"}  # file_name: <split>/<clas
 
 
 def test_bad_images_skipped_counted_and_warned_in_train(bad, caplog):
-    cfg = make_cfg(bad, mean_rgb=[0.0, 0.0, 0.0], pca_alpha_std=0.0)
-    names = record_file_names(cfg, "train")
-    it = data.create_train_iterator(cfg, global_batch_size=5, seed=0, process_index=0, process_count=1)
+    config = make_cfg(bad, mean_rgb=[0.0, 0.0, 0.0], pca_alpha_std=0.0)
+    names = record_file_names(config, "train")
+    it = data.create_train_iterator(config, global_batch_size=5, seed=0, process_index=0, process_count=1)
     with caplog.at_level(logging.WARNING, logger="vgg_jax.data.pipeline"):
         batches = take(it, 6)  # 30 examples: 6 epochs of the 5 good ones
     indices = np.concatenate([b["index"] for b in batches])
@@ -321,30 +361,32 @@ def test_bad_images_skipped_counted_and_warned_in_train(bad, caplog):
 
 
 def test_bad_images_in_eval_are_invalid_and_listed(bad):
-    cfg = make_cfg(bad)
-    names = record_file_names(cfg, "validation")
+    config = make_cfg(bad)
+    names = record_file_names(config, "validation")
     for view in ("center", "dense"):
-        ev = data.create_eval_iterator(cfg, view=view, scale=40, global_batch_size=4, process_index=0,
-                                       process_count=1)
+        ev = data.create_eval_iterator(
+            config, view=view, scale=40, global_batch_size=4, process_index=0, process_count=1
+        )
         valid = [int(i) for b in ev for i, v in zip(b["index"], b["valid"]) if v]
         assert sorted(names[i] for i in valid) == sorted(f"val/{f}" for f in GOOD_FILES)
         assert len(ev.skipped) == 2 and all(any(f in k for k in ev.skipped) for f in BAD_FILES)
 
 
 def test_bad_image_fail_mode_raises_with_the_key(bad):
-    cfg = make_cfg(bad, on_bad_image="fail")
-    it = data.create_train_iterator(cfg, global_batch_size=5, seed=0, process_index=0, process_count=1)
+    config = make_cfg(bad, on_bad_image="fail")
+    it = data.create_train_iterator(config, global_batch_size=5, seed=0, process_index=0, process_count=1)
     with pytest.raises(data.BadImageError, match=r"folder train\[\d+\] \(train/c0/(truncated|garbage)\.JPEG\)"):
         take(it, 3)
-    ev = data.create_eval_iterator(cfg, view="center", scale=40, global_batch_size=4, process_index=0,
-                                   process_count=1)
+    ev = data.create_eval_iterator(
+        config, view="center", scale=40, global_batch_size=4, process_index=0, process_count=1
+    )
     with pytest.raises(data.BadImageError, match="on_bad_image=skip"):
         list(ev)
 
 
 def test_unreadable_split_stops_with_an_error_not_a_hang(tmp_path):
     fx.write_folder(str(tmp_path / "junk"), {"train": {"a": [("x.jpg", b"junk"), ("y.jpg", fx.truncated_jpeg())]}})
-    cfg = make_cfg(dict(folder=str(tmp_path / "junk"), data_dir=str(tmp_path / "tfds")))
-    it = data.create_train_iterator(cfg, global_batch_size=2, seed=0, process_index=0, process_count=1)
+    config = make_cfg(dict(folder=str(tmp_path / "junk"), data_dir=str(tmp_path / "tfds")))
+    it = data.create_train_iterator(config, global_batch_size=2, seed=0, process_index=0, process_count=1)
     with pytest.raises(tf.errors.InvalidArgumentError, match="no decodable image in 2 consecutive examples"):
         next(it)

@@ -14,10 +14,10 @@ import tensorflow as tf
 from PIL import Image
 
 from vgg_jax.data import stats, transforms
-from vgg_jax.data.config import default_data_config
+from vgg_jax.data.config import IMAGENET_PCA_EIGVEC, TransformConfig, default_data_config
 
 # A known colour distribution (0..1 scale): ImageNet's eigen-vectors, chosen eigen-values.
-EIGVEC = np.asarray(transforms.IMAGENET_PCA_EIGVEC)
+EIGVEC = np.asarray(IMAGENET_PCA_EIGVEC)
 EIGVAL = np.array([0.02, 0.004, 0.001])
 MEAN = np.array([130.0, 120.0, 110.0])
 
@@ -95,7 +95,14 @@ def folder(tmp_path_factory) -> dict:
 
 def test_cli_end_to_end_and_stats_path(folder, tmp_path):
     out = str(tmp_path / "sub" / "stats.json")
-    stats.main(["--dataset=folder", f"--folder={folder['root']}", f"--data_dir={folder['data_dir']}", f"--out={out}"])
+    stats.main(
+        [
+            "--data.dataset=folder",
+            f"--data.folder={folder['root']}",
+            f"--data.data_dir={folder['data_dir']}",
+            f"--out={out}",
+        ]
+    )
     with open(out) as f:
         result = json.load(f)
     assert result["num_images"] == 10 and result["split"] == "train" and result["dataset"] == "folder"
@@ -103,7 +110,7 @@ def test_cli_end_to_end_and_stats_path(folder, tmp_path):
     # A data config pointing at the file uses its mean and PCA.
     cfg = default_data_config()
     cfg.stats_path = out
-    tcfg = transforms.TransformConfig.from_config(cfg)
+    tcfg = TransformConfig.from_config(cfg)
     np.testing.assert_allclose(tcfg.mean_rgb, result["mean_rgb"])
     np.testing.assert_allclose(tcfg.pca_eigval, result["pca_eigval"])
     np.testing.assert_allclose(tcfg.pca_eigvec, result["pca_eigvec"])
@@ -112,8 +119,15 @@ def test_cli_end_to_end_and_stats_path(folder, tmp_path):
 
 def test_cli_samples_num_images(folder, tmp_path):
     out = str(tmp_path / "stats.json")
-    stats.main(["--dataset=folder", f"--folder={folder['root']}", f"--data_dir={folder['data_dir']}",
-                "--num_images=4", f"--out={out}"])
+    stats.main(
+        [
+            "--data.dataset=folder",
+            f"--data.folder={folder['root']}",
+            f"--data.data_dir={folder['data_dir']}",
+            "--num_images=4",
+            f"--out={out}",
+        ]
+    )
     with open(out) as f:
         assert json.load(f)["num_images"] == 4
 
@@ -122,13 +136,20 @@ def test_errors_name_the_fix(folder, tmp_path):
     cfg = default_data_config()
     cfg.stats_path = str(tmp_path / "missing.json")
     with pytest.raises(FileNotFoundError, match="python -m vgg_jax.data.stats"):
-        transforms.TransformConfig.from_config(cfg)
+        TransformConfig.from_config(cfg)
     (tmp_path / "partial.json").write_text(json.dumps({"mean_rgb": [1, 2, 3]}))
     cfg.stats_path = str(tmp_path / "partial.json")
     with pytest.raises(ValueError, match="pca_eigval"):
-        transforms.TransformConfig.from_config(cfg)
+        TransformConfig.from_config(cfg)
     with pytest.raises(ValueError, match="split 'nope'"):
-        stats.main(["--dataset=folder", f"--folder={folder['root']}", f"--data_dir={folder['data_dir']}",
-                    "--split=nope", f"--out={tmp_path / 'x.json'}"])
+        stats.main(
+            [
+                "--data.dataset=folder",
+                f"--data.folder={folder['root']}",
+                f"--data.data_dir={folder['data_dir']}",
+                "--split=nope",
+                f"--out={tmp_path / 'x.json'}",
+            ]
+        )
     with pytest.raises(SystemExit):
-        stats.main(["--dataset=folder", "--num_images=0", f"--out={tmp_path / 'x.json'}"])
+        stats.main(["--data.dataset=folder", "--num_images=0", f"--out={tmp_path / 'x.json'}"])

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
 from tiny_runs import save_random_converted
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,9 +23,18 @@ def test_style_transfer_script_lowers_the_loss(tmp_path):
         Image.fromarray(pixels).save(tmp_path / name)
 
     out = tmp_path / "out.png"
-    cmd = [sys.executable, "experiments/style_transfer.py", f"--weights={tmp_path / 'vgg19'}",
-           f"--content={tmp_path / 'content.png'}", f"--style={tmp_path / 'style.png'}", f"--out={out}",
-           "--size=40", "--steps=8", "--learning_rate=0.01", "--tv_weight=1e-4"]
+    cmd = [
+        sys.executable,
+        "experiments/style_transfer.py",
+        f"--weights={tmp_path / 'vgg19'}",
+        f"--content={tmp_path / 'content.png'}",
+        f"--style={tmp_path / 'style.png'}",
+        f"--out={out}",
+        "--size=40",
+        "--steps=8",
+        "--learning_rate=0.01",
+        "--tv_weight=1e-4",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])

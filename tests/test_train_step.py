@@ -17,20 +17,30 @@ import pytest
 from vgg_jax import bench, models, optim, sharding
 from vgg_jax import train_step as train_step_lib
 from vgg_jax.train_step import create_train_state
+
 from tiny_runs import free_port
 
 # Compiled as the trainer compiles it (jit_train_step's XLA options), without its shardings.
-train_step = jax.jit(train_step_lib.train_step, static_argnames=("accum_steps",),
-                     compiler_options=train_step_lib.compiler_options())
+train_step = jax.jit(
+    train_step_lib.train_step, static_argnames=("accum_steps",), compiler_options=train_step_lib.compiler_options()
+)
 WORKER = Path(__file__).with_name("sharded_train_worker.py")
 
 
 def opt_config(**overrides):
-    cfg = dict(
-        learning_rate=0.1, momentum=0.9, nesterov=False, weight_decay=5e-4, decay_biases=False, schedule="constant",
-        decay_factor=0.1, step_boundaries=[2], warmup_steps=0, trainable=".*",
+    config = dict(
+        learning_rate=0.1,
+        momentum=0.9,
+        nesterov=False,
+        weight_decay=5e-4,
+        decay_biases=False,
+        schedule="constant",
+        decay_factor=0.1,
+        step_boundaries=[2],
+        warmup_steps=0,
+        trainable=".*",
     )
-    return ml_collections.ConfigDict(cfg | overrides)
+    return ml_collections.ConfigDict(config | overrides)
 
 
 def tiny_state(name="vgg11", tx=None, **model_overrides):
@@ -41,16 +51,21 @@ def tiny_state(name="vgg11", tx=None, **model_overrides):
 
 def batch(n=8, seed=0):
     rng = np.random.default_rng(seed)
-    return {"image": jnp.asarray(rng.normal(size=(n, 32, 32, 3)), jnp.float32),
-            "label": jnp.asarray(rng.integers(0, 5, size=n), jnp.int32)}
+    return {
+        "image": jnp.asarray(rng.normal(size=(n, 32, 32, 3)), jnp.float32),
+        "label": jnp.asarray(rng.integers(0, 5, size=n), jnp.int32),
+    }
 
 
 def test_sgd_momentum_and_l2_decay_match_caffe_update_in_float64():
     """Caffe SGD (paper Sect. 3.1): v = mu v - lr (g + wd w) on kernels, v = mu v - lr g on biases; w += v."""
     state = tiny_state(dropout_rate=0.0)
     b = batch()
-    grads = jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
-        state.apply_fn({"params": p}, b["image"]), b["label"]).mean())(state.params)
+    grads = jax.grad(
+        lambda p: optax.softmax_cross_entropy_with_integer_labels(
+            state.apply_fn({"params": p}, b["image"]), b["label"]
+        ).mean()
+    )(state.params)
     w0 = np.asarray(state.params["conv2_1"]["kernel"], np.float64)
     bias0 = np.asarray(state.params["conv2_1"]["bias"], np.float64)
     g = np.asarray(grads["conv2_1"]["kernel"], np.float64)
@@ -62,9 +77,17 @@ def test_sgd_momentum_and_l2_decay_match_caffe_update_in_float64():
     # Second step: the momentum term carries 0.9 of the first update.
     s2, _ = train_step(s1, b)
     w1 = np.asarray(s1.params["conv2_1"]["kernel"], np.float64)
-    g1 = np.asarray(jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
-        s1.apply_fn({"params": p}, b["image"]), b["label"]).mean())(s1.params)["conv2_1"]["kernel"], np.float64)
-    np.testing.assert_allclose(s2.params["conv2_1"]["kernel"], w1 + 0.9 * v - 0.1 * (g1 + 5e-4 * w1), rtol=1e-4, atol=1e-7)
+    g1 = np.asarray(
+        jax.grad(
+            lambda p: optax.softmax_cross_entropy_with_integer_labels(
+                s1.apply_fn({"params": p}, b["image"]), b["label"]
+            ).mean()
+        )(s1.params)["conv2_1"]["kernel"],
+        np.float64,
+    )
+    np.testing.assert_allclose(
+        s2.params["conv2_1"]["kernel"], w1 + 0.9 * v - 0.1 * (g1 + 5e-4 * w1), rtol=1e-4, atol=1e-7
+    )
 
 
 def test_decay_biases_option_decays_biases():
@@ -94,8 +117,10 @@ def test_remat_gives_the_same_update(name):
     plain, _ = train_step(state, b)
     for policy in ("convs", "blocks"):
         remat, _ = train_step(tiny_state(name, dropout_rate=0.0, remat=policy), b)
-        for x, y in zip(jax.tree_util.tree_leaves((plain.params, plain.batch_stats)),
-                        jax.tree_util.tree_leaves((remat.params, remat.batch_stats))):
+        for x, y in zip(
+            jax.tree_util.tree_leaves((plain.params, plain.batch_stats)),
+            jax.tree_util.tree_leaves((remat.params, remat.batch_stats)),
+        ):
             np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="Unknown remat 'some'"):
         train_step(tiny_state(name, remat="some"), b)
@@ -121,7 +146,9 @@ def test_remat_recomputes_what_its_policy_drops():
     params = models.init_variables(base, jax.random.PRNGKey(0))["params"]
     x = jnp.ones((2, 32, 32, 3))
     counts = {
-        policy: _primitive_counts(jax.grad(lambda p, m=base.clone(remat=policy): m.apply({"params": p}, x).sum()), params)
+        policy: _primitive_counts(
+            jax.grad(lambda p, m=base.clone(remat=policy): m.apply({"params": p}, x).sum()), params
+        )
         for policy in ("none", "convs", "blocks")
     }
     assert [counts[p]["conv_general_dilated"] for p in ("none", "convs", "blocks")] == [23, 23, 31]
@@ -212,9 +239,24 @@ def _run_workers(tmp_path, name, num_processes, devices, *extra):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     procs = [
         subprocess.Popen(
-            [sys.executable, str(WORKER), str(out), "--devices", str(devices), "--process_id", str(i),
-             "--num_processes", str(num_processes), "--port", str(port), *extra],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                sys.executable,
+                str(WORKER),
+                str(out),
+                "--devices",
+                str(devices),
+                "--process_id",
+                str(i),
+                "--num_processes",
+                str(num_processes),
+                "--port",
+                str(port),
+                *extra,
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         for i in range(num_processes)
     ]
@@ -243,7 +285,6 @@ def test_fc_sharding_equals_replicated(tmp_path):
     sharded, logs = _run_workers(tmp_path, "sharded", 1, 8, "--model_axis", "2")
     assert "fc6 shard shape (1, 1, 32, 16)" in logs[0]
     _assert_same_params(replicated, sharded)
-
 
 
 def test_gradient_accumulation_on_a_mesh_equals_the_full_batch(tmp_path):

@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from tiny_runs import save_random_converted
 
 from vgg_jax import checkpoints
+
+from tiny_runs import save_random_converted
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # configs/ is imported as a package
@@ -43,26 +44,40 @@ def image_folder(root: Path) -> Path:
     return root
 
 
-def test_config_reads_model_and_normalisation_from_the_checkpoint(pretrained):
-    config = transfer.get_config(str(pretrained[0]))
-    assert (config.model.name, config.model.width, config.model.fc_width, config.data.crop_size) == ("vgg11", 4, 16, 32)
+def test_config_sets_model_and_the_weights_input_convention():
+    config = transfer.get_config("vgg11,torchvision,32")
+    assert (config.model.name, config.data.crop_size) == ("vgg11", 32)
     np.testing.assert_allclose(config.data.mean_rgb, [123.675, 116.28, 103.53])  # torchvision's, on 0..255
     np.testing.assert_allclose(config.data.std_rgb, [58.395, 57.12, 57.375])
-    assert config.init_from == str(pretrained[0]) and config.reset_head and config.optimizer.trainable == "fc[678]"
+    assert config.data.resize == "torchvision"
+    assert not config.init_from and config.reset_head and config.optimizer.trainable == "fc[678]"
     assert config.data.dataset == "folder" and config.data.scale_min == config.data.scale_max == 36
-    with pytest.raises(ValueError, match=r"needs the starting checkpoint: --config=configs/transfer.py:CKPT"):
-        transfer.get_config()
+    with pytest.raises(ValueError, match=r"MODEL,CONVENTION\[,CROP\] with CONVENTION in \['caffe', 'torchvision'\]"):
+        transfer.get_config("/some/checkpoint")
 
 
 def test_fine_tune_freezes_conv_blocks_and_replaces_fc8(pretrained, tmp_path):
     ckpt, before = pretrained
     workdir = tmp_path / "run"
     cmd = [
-        sys.executable, "-m", "vgg_jax.main", f"--config=configs/transfer.py:{ckpt}", f"--workdir={workdir}",
-        f"--config.data.folder={image_folder(tmp_path / 'pets')}", f"--config.data.data_dir={tmp_path / 'tfds'}",
-        "--config.num_train_steps=3", "--config.global_batch_size=6", "--config.eval_batch_size=6",
-        "--config.optimizer.schedule=constant", "--config.optimizer.learning_rate=0.05",
-        "--config.eval_every_steps=3", "--config.checkpoint.every_steps=3", "--config.log_every_steps=1",
+        sys.executable,
+        "-m",
+        "vgg_jax.main",
+        "--config=configs/transfer.py:vgg11,torchvision,32",
+        f"--config.init_from={ckpt}",
+        "--config.model.width=4",
+        "--config.model.fc_width=16",
+        f"--workdir={workdir}",
+        f"--config.data.folder={image_folder(tmp_path / 'pets')}",
+        f"--config.data.data_dir={tmp_path / 'tfds'}",
+        "--config.num_train_steps=3",
+        "--config.global_batch_size=6",
+        "--config.eval_batch_size=6",
+        "--config.optimizer.schedule=constant",
+        "--config.optimizer.learning_rate=0.05",
+        "--config.eval_every_steps=3",
+        "--config.checkpoint.every_steps=3",
+        "--config.log_every_steps=1",
         "--config.data.shuffle_buffer=128",
     ]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -70,7 +85,7 @@ def test_fine_tune_freezes_conv_blocks_and_replaces_fc8(pretrained, tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert json.loads((workdir / "results.json").read_text())["step"] == 3
 
-    after = checkpoints.restore_variables(workdir)["params"]
+    after = checkpoints.restore_model(workdir)[1]["params"]
     assert after.keys() == before.keys()
     for layer in before:
         if layer.startswith("conv"):

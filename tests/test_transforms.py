@@ -58,13 +58,13 @@ def seeds(n: int, base: int = 7) -> tf.data.Dataset:
     return tf.data.Dataset.range(n).map(lambda i: tf.stack([tf.constant(base, tf.int64), i]))
 
 
-def sample_params(n: int, hw: tuple[int, int], cfg: T.TransformConfig) -> dict[str, np.ndarray]:
-    ds = seeds(n).map(lambda s: T.sample_train_params(s, tf.constant(hw), cfg))
+def sample_params(n: int, hw: tuple[int, int], config: T.TransformConfig) -> dict[str, np.ndarray]:
+    ds = seeds(n).map(lambda s: T.sample_train_params(s, tf.constant(hw), config))
     return next(iter(ds.batch(n).as_numpy_iterator()))
 
 
-def train_views(encoded: bytes, n: int, cfg: T.TransformConfig, base: int = 7) -> np.ndarray:
-    ds = seeds(n, base).map(lambda s: T.train_view(tf.constant(encoded), s, cfg), num_parallel_calls=2)
+def train_views(encoded: bytes, n: int, config: T.TransformConfig, base: int = 7) -> np.ndarray:
+    ds = seeds(n, base).map(lambda s: T.train_view(tf.constant(encoded), s, config), num_parallel_calls=2)
     return next(iter(ds.batch(n).as_numpy_iterator()))
 
 
@@ -77,11 +77,11 @@ def test_train_view_equals_resize_then_crop(fmt, options):
     """Down- and up-scaling (S from 12 to 150 on a 60x80 image), crops at every position incl. the
     borders, flips: the window path equals resizing the whole image (tf.image.resize and a numpy
     float64 bilinear resize), then cropping."""
-    cfg = T.TransformConfig(crop_size=12, scale_min=12, scale_max=150, **PLAIN)
+    config = T.TransformConfig(crop_size=12, scale_min=12, scale_max=150, **PLAIN)
     encoded = encode(textured(60, 80), fmt, **options)
     n = 100
-    views = train_views(encoded, n, cfg)
-    params = sample_params(n, (60, 80), cfg)
+    views = train_views(encoded, n, config)
+    params = sample_params(n, (60, 80), config)
     full = T.decode_rgb(encoded).numpy()
     for k in range(n):
         (h, w), (oy, ox) = params["size"][k], params["offset"][k]
@@ -112,9 +112,9 @@ def test_jpeg_window_is_decoded_not_the_image():
 
 
 def test_scale_jitter_is_uniform_over_the_integers():
-    cfg = T.TransformConfig(crop_size=224, scale_min=256, scale_max=512)
+    config = T.TransformConfig(crop_size=224, scale_min=256, scale_max=512)
     n = 20000
-    p = sample_params(n, (375, 500), cfg)
+    p = sample_params(n, (375, 500), config)
     s = p["scale"]
     assert s.min() == 256 and s.max() == 512 and np.issubdtype(s.dtype, np.integer)
     # Discrete uniform on {256..512} <=> S + U[0, 1) uniform on [256, 513): a KS test.
@@ -141,13 +141,13 @@ def test_flips_about_half():
 def test_pca_shift_covariance():
     """On a flat grey image the output is grey + shift - mean everywhere: the shift's covariance
     over many images matches eigvec diag((alpha_std * eigval * 255)^2) eigvec^T (numpy float64)."""
-    cfg = T.TransformConfig(crop_size=4, scale_min=6, scale_max=9, flip=True)
+    config = T.TransformConfig(crop_size=4, scale_min=6, scale_max=9, flip=True)
     grey = 100.0
-    views = train_views(encode(np.full((6, 8, 3), 100, np.uint8), "PNG"), 4000, cfg)
+    views = train_views(encode(np.full((6, 8, 3), 100, np.uint8), "PNG"), 4000, config)
     assert np.abs(views - views[:, :1, :1]).max() < 1e-3  # one shift per image, the same on every pixel
-    shifts = views[:, 0, 0].astype(np.float64) - grey + np.asarray(cfg.mean_rgb)
-    eigvec, eigval = np.asarray(cfg.pca_eigvec, np.float64), np.asarray(cfg.pca_eigval, np.float64)
-    var = (cfg.pca_alpha_std * eigval * 255.0) ** 2
+    shifts = views[:, 0, 0].astype(np.float64) - grey + np.asarray(config.mean_rgb)
+    eigvec, eigval = np.asarray(config.pca_eigvec, np.float64), np.asarray(config.pca_eigval, np.float64)
+    var = (config.pca_alpha_std * eigval * 255.0) ** 2
     expected = eigvec @ np.diag(var) @ eigvec.T
     measured = np.cov(shifts.T)
     # Compare in the eigen-basis, where the expected matrix is diag(var): 5-sigma sampling bounds.
@@ -166,9 +166,9 @@ def test_crops_cover_the_image_uniformly():
     h, w, c = 12, 16, 5
     yy, xx = np.mgrid[:h, :w]
     image = np.stack([yy * 20, xx * 15, np.full_like(yy, 7)], -1).astype(np.uint8)  # pixel = its position
-    cfg = T.TransformConfig(crop_size=c, scale_min=h, scale_max=h, flip=False, **PLAIN)
+    config = T.TransformConfig(crop_size=c, scale_min=h, scale_max=h, flip=False, **PLAIN)
     n = 2000
-    views = train_views(encode(image, "PNG"), n, cfg)
+    views = train_views(encode(image, "PNG"), n, config)
     oy, ox = (views[:, 0, 0, 0] / 20).astype(int), (views[:, 0, 0, 1] / 15).astype(int)
     covered = np.zeros((h, w), bool)
     for k in range(n):
@@ -181,8 +181,8 @@ def test_crops_cover_the_image_uniformly():
 
 
 def test_jittered_crops_cover_every_rescaled_image():
-    cfg = T.TransformConfig(crop_size=5, scale_min=6, scale_max=9)
-    p = sample_params(4000, (12, 16), cfg)
+    config = T.TransformConfig(crop_size=5, scale_min=6, scale_max=9)
+    p = sample_params(4000, (12, 16), config)
     for s in range(6, 10):
         pick = p["scale"] == s
         rh, rw = p["size"][pick][0]
@@ -198,14 +198,14 @@ def test_jittered_crops_cover_every_rescaled_image():
 
 
 def test_same_seed_same_view_different_seed_different():
-    cfg = T.TransformConfig(crop_size=16, scale_min=20, scale_max=40)
+    config = T.TransformConfig(crop_size=16, scale_min=20, scale_max=40)
     encoded = encode(textured(30, 40))
-    a = train_views(encoded, 8, cfg, base=3)
-    b = train_views(encoded, 8, cfg, base=3)
+    a = train_views(encoded, 8, config, base=3)
+    b = train_views(encoded, 8, config, base=3)
     np.testing.assert_array_equal(a, b)
-    eager = T.train_view(tf.constant(encoded), tf.constant([3, 5], tf.int64), cfg).numpy()
+    eager = T.train_view(tf.constant(encoded), tf.constant([3, 5], tf.int64), config).numpy()
     np.testing.assert_array_equal(eager, a[5])
-    c = train_views(encoded, 8, cfg, base=4)
+    c = train_views(encoded, 8, config, base=4)
     assert all(np.abs(a[k] - c[k]).max() > 1 for k in range(8))
     assert all(np.abs(a[k] - a[k + 1]).max() > 1 for k in range(7))
 
@@ -235,9 +235,9 @@ def test_cmyk_jpeg_decodes_to_pillows_rgb():
     assert ours.shape == (24, 32, 3)
     assert np.abs(ours - pillow).max() <= 2 and np.abs(ours - pillow).mean() < 0.6
     # And the window path (decode_and_crop_jpeg) decodes CMYK the same way.
-    cfg = T.TransformConfig(crop_size=8, scale_min=24, scale_max=24, flip=False, **PLAIN)
-    view = train_views(encoded, 2, cfg)[1]
-    oy, ox = sample_params(2, (24, 32), cfg)["offset"][1]
+    config = T.TransformConfig(crop_size=8, scale_min=24, scale_max=24, flip=False, **PLAIN)
+    view = train_views(encoded, 2, config)[1]
+    oy, ox = sample_params(2, (24, 32), config)["offset"][1]
     np.testing.assert_allclose(view, ours[oy : oy + 8, ox : ox + 8], atol=TOL)
 
 
@@ -246,20 +246,20 @@ def test_png_named_jpeg_and_rgba_decode():
     np.testing.assert_array_equal(T.decode_rgb(encode(image, "PNG")).numpy(), image)
     rgba = np.concatenate([image, np.full((18, 22, 1), 9, np.uint8)], -1)
     np.testing.assert_array_equal(T.decode_rgb(encode(rgba, "PNG")).numpy(), image)  # alpha dropped
-    cfg = T.TransformConfig(crop_size=10, scale_min=18, scale_max=18, flip=False, **PLAIN)
-    view = train_views(encode(image, "PNG"), 3, cfg)[2]
-    oy, ox = sample_params(3, (18, 22), cfg)["offset"][2]
+    config = T.TransformConfig(crop_size=10, scale_min=18, scale_max=18, flip=False, **PLAIN)
+    view = train_views(encode(image, "PNG"), 3, config)[2]
+    oy, ox = sample_params(3, (18, 22), config)["offset"][2]
     np.testing.assert_allclose(view, image[oy : oy + 10, ox : ox + 10], atol=TOL)
 
 
 def test_corrupt_bytes_raise_invalid_argument():
     """The pipeline skips or fails on bad images by catching this error."""
-    cfg = T.TransformConfig(crop_size=8, scale_min=8, scale_max=8)
+    config = T.TransformConfig(crop_size=8, scale_min=8, scale_max=8)
     for bad in [b"not an image at all", encode(textured(30, 40))[:300]]:
         with pytest.raises(tf.errors.InvalidArgumentError):
-            T.train_view(tf.constant(bad), tf.constant([0, 0], tf.int64), cfg)
+            T.train_view(tf.constant(bad), tf.constant([0, 0], tf.int64), config)
         with pytest.raises(tf.errors.InvalidArgumentError):
-            T.eval_full_view(tf.constant(bad), 8, cfg)
+            T.eval_full_view(tf.constant(bad), 8, config)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,23 +270,23 @@ def test_corrupt_bytes_raise_invalid_argument():
 def test_full_and_centre_views(fmt, scale):
     """Full view: shorter side Q, equal to the float64 bilinear resize; the centre view (window
     path) equals the middle of the full view."""
-    cfg = T.TransformConfig(crop_size=20, scale_min=20, scale_max=20, mean_rgb=(10, 20, 30), std_rgb=(2, 4, 5))
+    config = T.TransformConfig(crop_size=20, scale_min=20, scale_max=20, mean_rgb=(10, 20, 30), std_rgb=(2, 4, 5))
     encoded = encode(textured(45, 60), fmt)
-    full = T.eval_full_view(encoded, scale, cfg).numpy()
+    full = T.eval_full_view(encoded, scale, config).numpy()
     h, w = T.shorter_side_size([45, 60], scale).numpy()
     assert full.shape == (h, w, 3) and min(h, w) == scale
     ref = (np_resize_bilinear(T.decode_rgb(encoded).numpy(), h, w) - [10, 20, 30]) / [2, 4, 5]
     np.testing.assert_allclose(full, ref, atol=TOL / 2)
-    centre = T.eval_center_view(encoded, scale, cfg).numpy()
+    centre = T.eval_center_view(encoded, scale, config).numpy()
     oy, ox = (h - 20) // 2, (w - 20) // 2
     np.testing.assert_allclose(centre, full[oy : oy + 20, ox : ox + 20], atol=TOL / 2)
 
 
 def test_multicrop_views_are_the_grid_crops_and_their_flips():
-    cfg = T.TransformConfig(crop_size=16, scale_min=16, scale_max=16, mean_rgb=(1.0, 2.0, 3.0))
+    config = T.TransformConfig(crop_size=16, scale_min=16, scale_max=16, mean_rgb=(1.0, 2.0, 3.0))
     encoded = encode(textured(30, 47), "PNG")
-    views = T.multicrop_views(encoded, 30, cfg).numpy()
-    full = T.eval_full_view(encoded, 30, cfg).numpy()
+    views = T.multicrop_views(encoded, 30, config).numpy()
+    full = T.eval_full_view(encoded, 30, config).numpy()
     h, w = full.shape[:2]
     assert views.shape == (50, 16, 16, 3) and (h, w) == (30, 47)
     ys = np.floor(np.linspace(0, h - 16, 5)).astype(int)
@@ -313,12 +313,12 @@ def test_shorter_side_size():
 
 
 def test_normalize_and_pca_offset_against_numpy():
-    cfg = T.TransformConfig(mean_rgb=(120.0, 110.0, 100.0), std_rgb=(50.0, 60.0, 70.0))
+    config = T.TransformConfig(mean_rgb=(120.0, 110.0, 100.0), std_rgb=(50.0, 60.0, 70.0))
     image = np.random.default_rng(0).random((5, 7, 3)) * 255
     alpha = np.array([0.3, -1.2, 0.7])
-    offset = np.asarray(cfg.pca_eigvec) @ (alpha * np.asarray(cfg.pca_eigval) * 255)
-    np.testing.assert_allclose(T.pca_offset(tf.constant(alpha, tf.float32), cfg).numpy(), offset, rtol=1e-5)
-    out = T.normalize(tf.constant(image, tf.float32), cfg, tf.constant(offset, tf.float32)).numpy()
+    offset = np.asarray(config.pca_eigvec) @ (alpha * np.asarray(config.pca_eigval) * 255)
+    np.testing.assert_allclose(T.pca_offset(tf.constant(alpha, tf.float32), config).numpy(), offset, rtol=1e-5)
+    out = T.normalize(tf.constant(image, tf.float32), config, tf.constant(offset, tf.float32)).numpy()
     np.testing.assert_allclose(out, (image + offset - [120, 110, 100]) / [50, 60, 70], rtol=1e-5, atol=1e-5)
 
 

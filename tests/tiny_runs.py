@@ -46,9 +46,11 @@ def save_random_converted(path, name: str, **model_options):
     model = models.get_model(name, **model_options)
     rng = np.random.default_rng(0)
     params = jax.tree_util.tree_map(
-        lambda s: rng.normal(size=s.shape, scale=np.sqrt(2 / np.prod(s.shape[:-1])) if len(s.shape) == 4 else 0.05)
-        .astype(np.float32),
-        models.variable_shapes(model)["params"])
+        lambda s: rng.normal(
+            size=s.shape, scale=np.sqrt(2 / np.prod(s.shape[:-1])) if len(s.shape) == 4 else 0.05
+        ).astype(np.float32),
+        models.variable_shapes(model)["params"],
+    )
     checkpoints.save_variables(path, {"params": params}, convert.checkpoint_meta(name, model, "torchvision", None))
     return model, params
 

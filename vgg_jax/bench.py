@@ -1,28 +1,25 @@
-"""Benchmarks: ``python -m vgg_jax.bench <command> ...``; one function per subcommand.
+"""Benchmarks: ``python -m vgg_jax.bench {input,eval,train,memory} [--flags]``; one function per command.
 
-``input``: per-core images/s of the training transform (``transforms.train_view``) through
-``tf.data``, against a decode-only pass over the same ImageNet-like JPEGs (about 500x375,
-quality 90, 1/f-noise content with edges), with 1 and 2 map threads.
-
-``train``: the jitted train step on a synthetic batch: step time, images/s, MFU, peak memory,
-compile time, an optional profile; ``--compare_torch`` times the same network's PyTorch step in
-the same run, interleaved. ``memory``: XLA's memory plan of the step per remat policy and batch.
+docs/benchmarks.md
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
 import time
+import types
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from absl import flags
+
+from vgg_jax import cli
 
 # vgg_jax.models.REMAT_POLICIES, named here so that parsing the command line does not import jax.
 REMAT_CHOICES = ("none", "convs", "blocks")
-_SIZES = ((375, 500), (333, 500), (500, 375))  # (h, w) of typical ImageNet photos, landscape first
+_PHOTO_SIZES = ((375, 500), (333, 500), (500, 375))  # (h, w) of typical ImageNet photos, landscape first
 
 
 def natural_image(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
@@ -51,7 +48,7 @@ def make_jpegs(cache_dir: str, num_images: int, quality: int = 90, seed: int = 0
     paths = []
     for i in range(num_images):
         path = os.path.join(cache_dir, f"img_{i:05d}_q{quality}.jpg")
-        height, width = _SIZES[i % len(_SIZES)]
+        height, width = _PHOTO_SIZES[i % len(_PHOTO_SIZES)]
         image = natural_image(rng, height, width)  # drawn even when cached, so the set is fixed
         if not os.path.exists(path):
             with open(path + ".tmp", "wb") as f:
@@ -61,9 +58,7 @@ def make_jpegs(cache_dir: str, num_images: int, quality: int = 90, seed: int = 0
     return paths
 
 
-def _time_map(
-    encoded: Sequence[bytes], fn: Callable, threads: int, epochs: int
-) -> tuple[float, float, int]:
+def _time_map(encoded: Sequence[bytes], fn: Callable, threads: int, epochs: int) -> tuple[float, float, int]:
     """Wall and process-CPU seconds for ``fn(bytes, seed)`` over ``epochs`` passes through tf.data."""
     import tensorflow as tf
 
@@ -86,7 +81,7 @@ def _time_map(
     return time.perf_counter() - wall, time.process_time() - cpu, n * epochs
 
 
-def bench_input(args: argparse.Namespace) -> None:
+def bench_input(args: types.SimpleNamespace) -> None:
     """Decode-only vs the full training transform, images/s per core; prints a markdown table.
 
     Runs are interleaved (every pipeline once per round) and the fastest round is kept, so load
@@ -96,12 +91,13 @@ def bench_input(args: argparse.Namespace) -> None:
     import tensorflow as tf
 
     from vgg_jax.data import transforms
+    from vgg_jax.data.config import TransformConfig
 
     tf.config.threading.set_inter_op_parallelism_threads(1)
     tf.config.threading.set_intra_op_parallelism_threads(1)
     paths = make_jpegs(args.cache_dir, args.num_images)
     encoded = [open(p, "rb").read() for p in paths]
-    cfg = transforms.TransformConfig(crop_size=224, scale_min=args.scale_min, scale_max=args.scale_max)
+    transform_config = TransformConfig(crop_size=224, scale_min=args.scale_min, scale_max=args.scale_max)
     train = f"train_view (S in [{args.scale_min}, {args.scale_max}], crop 224, flip, PCA)"
     decode = f"decode only (decode_jpeg, dct_method={transforms.DCT_METHOD})"
     pipelines = {
@@ -109,7 +105,7 @@ def bench_input(args: argparse.Namespace) -> None:
         "decode only (decode_jpeg, dct_method=INTEGER_FAST)": lambda x, seed: tf.io.decode_jpeg(
             x, channels=3, dct_method="INTEGER_FAST"
         ),
-        train: lambda x, seed: transforms.train_view(x, seed, cfg),
+        train: lambda x, seed: transforms.train_view(x, seed, transform_config),
     }
     runs = {(name, t): [] for name in pipelines for t in args.threads}
     for name, threads in runs:
@@ -119,9 +115,11 @@ def bench_input(args: argparse.Namespace) -> None:
         for name, threads in runs:
             runs[name, threads].append(_time_map(encoded, pipelines[name], threads, args.epochs))
     kib = sum(map(len, encoded)) / len(encoded) / 1024
-    print(f"{len(encoded)} JPEGs ({', '.join(f'{w}x{h}' for h, w in _SIZES)}, quality 90, mean {kib:.0f} KiB) "
-          f"in {args.cache_dir}; best of {args.repeats} interleaved runs of {args.epochs} epochs; "
-          f"load average {load:.2f} before, {os.getloadavg()[0]:.2f} after")
+    print(
+        f"{len(encoded)} JPEGs ({', '.join(f'{w}x{h}' for h, w in _PHOTO_SIZES)}, quality 90, mean {kib:.0f} KiB) "
+        f"in {args.cache_dir}; best of {args.repeats} interleaved runs of {args.epochs} epochs; "
+        f"load average {load:.2f} before, {os.getloadavg()[0]:.2f} after"
+    )
     print("| pipeline | map threads | images/s | images/s per thread | images per CPU-second |")
     print("|---|---|---|---|---|")
     rates = {}  # (name, threads) -> (wall img/s per thread, img per CPU-second)
@@ -132,12 +130,14 @@ def bench_input(args: argparse.Namespace) -> None:
         print(f"| {name} | {threads} | {count / wall:.0f} | {count / wall / threads:.0f} | {count / cpu:.0f} |")
     for threads in args.threads:
         (dw, dc), (tw, tc) = rates[decode, threads], rates[train, threads]
-        print(f"map threads={threads}: train_view / decode-only time per image = {dw / tw:.2f} (wall), "
-              f"{dc / tc:.2f} (CPU); {args.target} img/s needs {args.target / tw:.1f} cores (wall rate) or "
-              f"{args.target / tc:.1f} (CPU rate)")
+        print(
+            f"map threads={threads}: train_view / decode-only time per image = {dw / tw:.2f} (wall), "
+            f"{dc / tc:.2f} (CPU); {args.target} img/s needs {args.target / tw:.1f} cores (wall rate) or "
+            f"{args.target / tc:.1f} (CPU rate)"
+        )
 
 
-def bench_eval(args: argparse.Namespace) -> None:
+def bench_eval(args: types.SimpleNamespace) -> None:
     """Evaluation cost per image: dense (image + flip per scale) vs multi-crop (50 crops per scale).
 
     Times the jitted posterior functions of ``vgg_jax.evaluate`` on device-resident random inputs
@@ -151,10 +151,17 @@ def bench_eval(args: argparse.Namespace) -> None:
     import jax.numpy as jnp
 
     from vgg_jax import evaluate, models
-    from vgg_jax.data.pipeline import MULTICROP_GRID, dense_canvases
+    from vgg_jax.data.config import MULTICROP_GRID
+    from vgg_jax.data.pipeline import dense_canvases
 
-    model = models.get_model(args.model, num_classes=args.num_classes, width=args.width, fc_width=args.fc_width,
-                             crop_size=args.crop_size, dtype=args.dtype)
+    model = models.get_model(
+        args.model,
+        num_classes=args.num_classes,
+        width=args.width,
+        fc_width=args.fc_width,
+        crop_size=args.crop_size,
+        dtype=args.dtype,
+    )
     variables = models.init_variables(model, jax.random.key(0))
     scales = [int(q) for q in args.scales.split(",")]
     b, c = args.batch, args.crop_size
@@ -169,10 +176,14 @@ def bench_eval(args: argparse.Namespace) -> None:
         batch = {"image": jax.random.normal(key, (b, 2 * MULTICROP_GRID**2, c, c, 3))}
         return batch, batch["image"].shape[1], batch["image"].shape[1] * models.forward_macs(model)
 
-    print(f"{args.model} width {args.width} fc_width {args.fc_width} crop {c} {args.dtype}, {b} images per call, "
-          f"scales {scales}, on {jax.devices()[0].device_kind} x{jax.device_count()}; best of {args.repeats}")
-    print("| protocol | views per image | GMACs per image | ms per image | images/s | CPU-ms per image | "
-          "time vs dense (wall, CPU) |")
+    print(
+        f"{args.model} width {args.width} fc_width {args.fc_width} crop {c} {args.dtype}, {b} images per call, "
+        f"scales {scales}, on {jax.devices()[0].device_kind} x{jax.device_count()}; best of {args.repeats}"
+    )
+    print(
+        "| protocol | views per image | GMACs per image | ms per image | images/s | CPU-ms per image | "
+        "time vs dense (wall, CPU) |"
+    )
     print("|---|---|---|---|---|---|---|")
     dense_ms = dense_cpu = None
     for method in ("dense", "multicrop"):
@@ -187,8 +198,10 @@ def bench_eval(args: argparse.Namespace) -> None:
             views, macs = views + n, macs + m
         ms, cpu_ms = 1000 * seconds / b, 1000 * cpu_seconds / b
         dense_ms, dense_cpu = dense_ms or ms, dense_cpu or cpu_ms
-        print(f"| {method} ({len(scales)} scales) | {views} | {macs / 1e9:.2f} | {ms:.1f} | {1000 / ms:.1f} | "
-              f"{cpu_ms:.1f} | {ms / dense_ms:.1f}x, {cpu_ms / dense_cpu:.1f}x |")
+        print(
+            f"| {method} ({len(scales)} scales) | {views} | {macs / 1e9:.2f} | {ms:.1f} | {1000 / ms:.1f} | "
+            f"{cpu_ms:.1f} | {ms / dense_ms:.1f}x, {cpu_ms / dense_cpu:.1f}x |"
+        )
 
 
 # -- train, memory: the training step --------------------------------------------------------------
@@ -198,11 +211,18 @@ BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 _MARK = "@bench@"  # prefix of the worker's protocol lines on stdout
 
 
-def _train_model(args: argparse.Namespace):
+def _train_model(args: types.SimpleNamespace):
     from vgg_jax import models
 
-    return models.get_model(args.model, num_classes=args.num_classes, width=args.width, fc_width=args.fc_width,
-                            crop_size=args.image_size, dtype=args.dtype, remat=args.remat)
+    return models.get_model(
+        args.model,
+        num_classes=args.num_classes,
+        width=args.width,
+        fc_width=args.fc_width,
+        crop_size=args.image_size,
+        dtype=args.dtype,
+        remat=args.remat,
+    )
 
 
 def train_flops_per_image(model) -> float:
@@ -216,9 +236,20 @@ def _optimizer_config():
     """configs/default.py's SGD (momentum 0.9, L2 5e-4 on kernels) at a constant learning rate."""
     import ml_collections
 
-    return ml_collections.ConfigDict(dict(
-        learning_rate=1e-2, momentum=0.9, nesterov=False, weight_decay=5e-4, decay_biases=False,
-        schedule="constant", decay_factor=0.1, step_boundaries=[], warmup_steps=0, trainable=".*"))
+    return ml_collections.ConfigDict(
+        dict(
+            learning_rate=1e-2,
+            momentum=0.9,
+            nesterov=False,
+            weight_decay=5e-4,
+            decay_biases=False,
+            schedule="constant",
+            decay_factor=0.1,
+            step_boundaries=[],
+            warmup_steps=0,
+            trainable=".*",
+        )
+    )
 
 
 def _pin_threads(threads: int | None) -> int:
@@ -262,7 +293,7 @@ def _timed(fn: Callable[[], object]) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def _abstract_train(args: argparse.Namespace, batch: int):
+def _abstract_train(args: types.SimpleNamespace, batch: int):
     """(jitted train step, abstract state, abstract batch, model, optimizer) for ``batch`` images per device."""
     import jax
     import jax.numpy as jnp
@@ -284,8 +315,12 @@ def _abstract_train(args: argparse.Namespace, batch: int):
 def _xla_memory(compiled) -> dict[str, int]:
     """Per-device bytes of XLA's buffer assignment; ``peak`` = arguments + outputs - aliased + temporaries."""
     m = compiled.memory_analysis()
-    sizes = {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
-             "aliased": m.alias_size_in_bytes, "temporaries": m.temp_size_in_bytes}
+    sizes = {
+        "arguments": m.argument_size_in_bytes,
+        "outputs": m.output_size_in_bytes,
+        "aliased": m.alias_size_in_bytes,
+        "temporaries": m.temp_size_in_bytes,
+    }
     sizes["peak"] = sizes["arguments"] + sizes["outputs"] - sizes["aliased"] + sizes["temporaries"]
     return sizes
 
@@ -296,7 +331,7 @@ class JaxTrainStep:
     The batch is random images and labels made on the device: the input pipeline is not timed.
     """
 
-    def __init__(self, args: argparse.Namespace, batch: int):
+    def __init__(self, args: types.SimpleNamespace, batch: int):
         import jax
 
         from vgg_jax.train_step import create_train_state
@@ -306,11 +341,15 @@ class JaxTrainStep:
         shardings = jax.tree_util.tree_map(lambda s: s.sharding, state_spec)
         data = batch_spec["image"].sharding
         self.state = jax.jit(lambda rng: create_train_state(self.model, tx, rng), out_shardings=shardings)(
-            jax.random.PRNGKey(0))
-        make_batch = jax.jit(lambda key: {
-            "image": jax.random.normal(key, batch_spec["image"].shape),
-            "label": jax.random.randint(key, batch_spec["label"].shape, 0, self.model.num_classes),
-        }, out_shardings=data)
+            jax.random.PRNGKey(0)
+        )
+        make_batch = jax.jit(
+            lambda key: {
+                "image": jax.random.normal(key, batch_spec["image"].shape),
+                "label": jax.random.randint(key, batch_spec["label"].shape, 0, self.model.num_classes),
+            },
+            out_shardings=data,
+        )
         self.batch = make_batch(jax.random.PRNGKey(1))
         start = time.perf_counter()
         self.compiled = step.lower(self.state, self.batch).compile()
@@ -331,7 +370,7 @@ class JaxTrainStep:
 class TorchTrainStep:
     """The same network and SGD step in PyTorch (channels-last float32): the CPU reference."""
 
-    def __init__(self, args: argparse.Namespace, batch: int):
+    def __init__(self, args: types.SimpleNamespace, batch: int):
         import torch
 
         model = self.model = _train_model(args)
@@ -350,8 +389,9 @@ class TorchTrainStep:
         self.net = nn.Sequential(*layers).to(memory_format=torch.channels_last)
         kernels = [p for p in self.net.parameters() if p.ndim > 1]
         biases = [p for p in self.net.parameters() if p.ndim == 1]
-        self.opt = torch.optim.SGD([{"params": kernels, "weight_decay": 5e-4}, {"params": biases, "weight_decay": 0.0}],
-                                   lr=1e-2, momentum=0.9)
+        self.opt = torch.optim.SGD(
+            [{"params": kernels, "weight_decay": 5e-4}, {"params": biases, "weight_decay": 0.0}], lr=1e-2, momentum=0.9
+        )
         self.images = batch
         self.x = torch.randn(batch, 3, args.image_size, args.image_size).contiguous(memory_format=torch.channels_last)
         self.y = torch.randint(0, model.num_classes, (batch,))
@@ -390,8 +430,13 @@ def _summarise_trace(trace_dir: str, hlo_text: str, steps: int, top: int = 15) -
     if planes:  # GPU/TPU: the per-op line of each device
         lines = [line for p in planes for line in p.lines if line.name == "XLA Ops"]
     else:  # XLA:CPU: the thunks on its worker threads, without the executor's own spans
-        lines = [line for p in profile.planes if p.name.startswith("/host:CPU") for line in p.lines
-                 if "XLAEigen" in line.name]
+        lines = [
+            line
+            for p in profile.planes
+            if p.name.startswith("/host:CPU")
+            for line in p.lines
+            if "XLAEigen" in line.name
+        ]
     totals: Counter = Counter()
     for line in lines:
         for event in line.events:
@@ -408,8 +453,10 @@ def _summarise_trace(trace_dir: str, hlo_text: str, steps: int, top: int = 15) -
             what = m.group(3) + (f" {target.group(1) or target.group(2)}" if target else "")
             defs.setdefault(m.group(1), f"{what} -> {m.group(2)}")
     busy = sum(totals.values())
-    print(f"profile {files[-1]}: {busy / 1e6 / steps:.1f} ms of op time per step "
-          f"({'device' if planes else 'XLA:CPU threads, summed'}); top {top}:")
+    print(
+        f"profile {files[-1]}: {busy / 1e6 / steps:.1f} ms of op time per step "
+        f"({'device' if planes else 'XLA:CPU threads, summed'}); top {top}:"
+    )
     print("| op | ms/step | share | HLO |\n|---|---|---|---|")
     for name, ns in totals.most_common(top):
         print(f"| {name} | {ns / 1e6 / steps:.2f} | {ns / busy:.1%} | {defs.get(name, '')[:110]} |")
@@ -425,7 +472,7 @@ def _profile(runner: JaxTrainStep, trace_dir: str, steps: int) -> None:
     _summarise_trace(trace_dir, runner.compiled.as_text(), steps)
 
 
-def _peak_tflops(args: argparse.Namespace) -> tuple[float | None, str]:
+def _peak_tflops(args: types.SimpleNamespace) -> tuple[float | None, str]:
     """MFU's denominator: --peak_tflops, else the bf16 datasheet figure, else a measured CPU matmul."""
     import jax
 
@@ -444,7 +491,7 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
-def bench_train(args: argparse.Namespace) -> None:
+def bench_train(args: types.SimpleNamespace) -> None:
     """Train-step time, images/s, MFU and peak memory; ``--compare_torch`` runs PyTorch beside it.
 
     MFU counts the model's FLOPs (``3 x 2 x forward_macs`` per image; remat's recomputation is not
@@ -460,12 +507,16 @@ def bench_train(args: argparse.Namespace) -> None:
     import jax
 
     peak, peak_source = _peak_tflops(args)
-    print(f"{args.model} {args.image_size}px {args.dtype} remat={args.remat} accum={args.accum_steps} on "
-          f"{jax.devices()[0].device_kind} x{jax.device_count()} ({threads} host threads), jax {jax.__version__}; "
-          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; median of {args.steps} steps after {args.warmup}; "
-          f"peak {f'{peak:.3g} TFLOP/s' if peak else '?'} ({peak_source}); load {os.getloadavg()[0]:.1f}")
-    print("| batch | step ms (median) | min-max ms | img/s | TFLOP/s | MFU | peak memory | XLA estimate "
-          "| compile s | loss |\n|---|---|---|---|---|---|---|---|---|---|")
+    print(
+        f"{args.model} {args.image_size}px {args.dtype} remat={args.remat} accum={args.accum_steps} on "
+        f"{jax.devices()[0].device_kind} x{jax.device_count()} ({threads} host threads), jax {jax.__version__}; "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; median of {args.steps} steps after {args.warmup}; "
+        f"peak {f'{peak:.3g} TFLOP/s' if peak else '?'} ({peak_source}); load {os.getloadavg()[0]:.1f}"
+    )
+    print(
+        "| batch | step ms (median) | min-max ms | img/s | TFLOP/s | MFU | peak memory | XLA estimate "
+        "| compile s | loss |\n|---|---|---|---|---|---|---|---|---|---|"
+    )
     runner = None
     for batch in sorted(args.batch):
         runner = None  # free the previous state first
@@ -477,14 +528,17 @@ def bench_train(args: argparse.Namespace) -> None:
         tflops = runner.images * train_flops_per_image(runner.model) / median / 1e12
         mem, source = _peak_memory()
         mfu = f"{tflops / peak:.1%}" if peak else "-"
-        print(f"| {runner.images} | {median * 1e3:.1f} | {min(times) * 1e3:.0f}-{max(times) * 1e3:.0f} | "
-              f"{runner.images / median:.1f} | {tflops:.2f} | {mfu} | {_gb(mem)} ({source}) | "
-              f"{_gb(runner.xla_memory['peak'])} | {runner.compile_s:.1f} | {runner.loss():.3f} |", flush=True)
+        print(
+            f"| {runner.images} | {median * 1e3:.1f} | {min(times) * 1e3:.0f}-{max(times) * 1e3:.0f} | "
+            f"{runner.images / median:.1f} | {tflops:.2f} | {mfu} | {_gb(mem)} ({source}) | "
+            f"{_gb(runner.xla_memory['peak'])} | {runner.compile_s:.1f} | {runner.loss():.3f} |",
+            flush=True,
+        )
     if args.profile_dir and runner is not None:
         _profile(runner, args.profile_dir, args.profile_steps)
 
 
-def _serve(args: argparse.Namespace, threads: int) -> None:
+def _serve(args: types.SimpleNamespace, threads: int) -> None:
     """Worker side of --compare_torch: build, then one timed step per 'step' line on stdin."""
     import json
 
@@ -497,8 +551,19 @@ def _serve(args: argparse.Namespace, threads: int) -> None:
         runner = JaxTrainStep(args, args.batch[0])
     flops = runner.images * train_flops_per_image(runner.model)
     peak = _peak_tflops(args) if args.worker == "jax" else (None, "")
-    print(_MARK, json.dumps({"compile_s": runner.compile_s, "device": runner.device, "flops": flops,
-                             "peak": peak, "xla_memory": runner.xla_memory}), flush=True)
+    print(
+        _MARK,
+        json.dumps(
+            {
+                "compile_s": runner.compile_s,
+                "device": runner.device,
+                "flops": flops,
+                "peak": peak,
+                "xla_memory": runner.xla_memory,
+            }
+        ),
+        flush=True,
+    )
     for line in sys.stdin:
         if line.strip() != "step":
             break
@@ -506,7 +571,7 @@ def _serve(args: argparse.Namespace, threads: int) -> None:
     print(_MARK, json.dumps({"peak_memory": _peak_memory()[0], "loss": runner.loss()}), flush=True)
 
 
-def _compare(args: argparse.Namespace, threads: int) -> None:
+def _compare(args: types.SimpleNamespace, threads: int) -> None:
     """Runs the JAX step (and variants) and the PyTorch step in worker processes, interleaved."""
     import json
     import subprocess
@@ -514,20 +579,32 @@ def _compare(args: argparse.Namespace, threads: int) -> None:
     if len(args.batch) != 1:
         raise ValueError("Side-by-side comparisons time one batch size: pass a single --batch.")
     model = _train_model(args)
-    if args.compare_torch and (model.lrn or model.batch_norm or args.dtype != "float32" or args.remat != "none"
-                               or args.accum_steps != 1):
-        raise ValueError("The PyTorch reference is the plain float32 network (no LRN, batch norm, remat or "
-                         "accumulation): drop --compare_torch or those options.")
-    argv = ["train", "--model", args.model, "--batch", str(args.batch[0]), "--dtype", args.dtype,
-            "--image_size", str(args.image_size), "--width", str(args.width), "--fc_width", str(args.fc_width),
-            "--num_classes", str(args.num_classes), "--remat", args.remat, "--accum_steps", str(args.accum_steps),
-            "--threads", str(threads)] + (["--peak_tflops", str(args.peak_tflops)] if args.peak_tflops else [])
-    flags = os.environ.get("XLA_FLAGS", "")
-    variants = {"vgg_jax": ("jax", flags)}
+    if args.compare_torch and (
+        model.lrn or model.batch_norm or args.dtype != "float32" or args.remat != "none" or args.accum_steps != 1
+    ):
+        raise ValueError(
+            "The PyTorch reference is the plain float32 network (no LRN, batch norm, remat or "
+            "accumulation): drop --compare_torch or those options."
+        )
+    argv = [
+        "train",
+        f"--model={args.model}",
+        f"--batch={args.batch[0]}",
+        f"--dtype={args.dtype}",
+        f"--image_size={args.image_size}",
+        f"--width={args.width}",
+        f"--fc_width={args.fc_width}",
+        f"--num_classes={args.num_classes}",
+        f"--remat={args.remat}",
+        f"--accum_steps={args.accum_steps}",
+        f"--threads={threads}",
+    ] + ([f"--peak_tflops={args.peak_tflops}"] if args.peak_tflops else [])
+    xla_flags = os.environ.get("XLA_FLAGS", "")
+    variants = {"vgg_jax": ("jax", xla_flags)}
     if args.compare_xla_flags is not None:
         variants[f"vgg_jax, XLA_FLAGS={args.compare_xla_flags!r}"] = ("jax", args.compare_xla_flags)
     if args.compare_torch:
-        variants["PyTorch"] = ("torch", flags)
+        variants["PyTorch"] = ("torch", xla_flags)
 
     def ask(proc: subprocess.Popen, command: str | None = None) -> str:
         if command:
@@ -535,14 +612,19 @@ def _compare(args: argparse.Namespace, threads: int) -> None:
             proc.stdin.flush()
         for line in proc.stdout:
             if line.startswith(_MARK):
-                return line[len(_MARK):].strip()
+                return line[len(_MARK) :].strip()
         raise RuntimeError(f"benchmark worker exited with code {proc.wait()}; its error is above.")
 
     workers, info = {}, {}
-    for name, (framework, xla_flags) in variants.items():  # one at a time: compiles do not overlap
-        env = dict(os.environ, XLA_FLAGS=xla_flags)
-        workers[name] = subprocess.Popen([sys.executable, "-m", "vgg_jax.bench", *argv, "--worker", framework],
-                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    for name, (framework, worker_xla_flags) in variants.items():  # one at a time: compiles do not overlap
+        env = dict(os.environ, XLA_FLAGS=worker_xla_flags)
+        workers[name] = subprocess.Popen(
+            [sys.executable, "-m", "vgg_jax.bench", *argv, f"--worker={framework}"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         info[name] = json.loads(ask(workers[name]))
     times = {name: [] for name in workers}
     load = os.getloadavg()[0]
@@ -555,25 +637,33 @@ def _compare(args: argparse.Namespace, threads: int) -> None:
         info[name] |= json.loads(ask(proc, "quit"))
         proc.wait()
     peak, source = info["vgg_jax"]["peak"]
-    print(f"{args.model} {args.image_size}px {args.dtype}, batch {args.batch[0]}, {threads} threads each, on "
-          f"{info['vgg_jax']['device']}; {args.steps} interleaved rounds after {args.warmup}; load "
-          f"{load:.1f} before, {os.getloadavg()[0]:.1f} after; MFU vs {peak or 0:.3f} TFLOP/s ({source})")
-    print("| step | step ms (median) | min-max ms | CPU ms per step (median) | img/s | MFU | peak RSS | first step s "
-          "| loss |\n|---|---|---|---|---|---|---|---|---|")
+    print(
+        f"{args.model} {args.image_size}px {args.dtype}, batch {args.batch[0]}, {threads} threads each, on "
+        f"{info['vgg_jax']['device']}; {args.steps} interleaved rounds after {args.warmup}; load "
+        f"{load:.1f} before, {os.getloadavg()[0]:.1f} after; MFU vs {peak or 0:.3f} TFLOP/s ({source})"
+    )
+    print(
+        "| step | step ms (median) | min-max ms | CPU ms per step (median) | img/s | MFU | peak RSS | first step s "
+        "| loss |\n|---|---|---|---|---|---|---|---|---|"
+    )
     medians = {name: np.median(results, axis=0) for name, results in times.items()}  # (wall, cpu)
     for name, results in times.items():
         (wall, cpu), i, walls = medians[name], info[name], [r[0] for r in results]
         mfu = f"{i['flops'] / wall / 1e12 / peak:.1%}" if peak else "-"
-        print(f"| {name} | {wall * 1e3:.0f} | {min(walls) * 1e3:.0f}-{max(walls) * 1e3:.0f} | {cpu * 1e3:.0f} | "
-              f"{args.batch[0] / wall:.2f} | {mfu} | {_gb(i['peak_memory'])} | {i['compile_s']:.1f} | "
-              f"{i['loss']:.3f} |")
+        print(
+            f"| {name} | {wall * 1e3:.0f} | {min(walls) * 1e3:.0f}-{max(walls) * 1e3:.0f} | {cpu * 1e3:.0f} | "
+            f"{args.batch[0] / wall:.2f} | {mfu} | {_gb(i['peak_memory'])} | {i['compile_s']:.1f} | "
+            f"{i['loss']:.3f} |"
+        )
     if args.compare_torch:
         reference = times["PyTorch"]
         for name in [n for n in times if n != "PyTorch"]:
             per_round = np.median([a[0] / b[0] for a, b in zip(times[name], reference)])
             wall, cpu = medians[name] / medians["PyTorch"]
-            print(f"{name} / PyTorch step time: {wall:.2f} (ratio of medians), {per_round:.2f} (median of "
-                  f"per-round ratios), {cpu:.2f} (CPU time)")
+            print(
+                f"{name} / PyTorch step time: {wall:.2f} (ratio of medians), {per_round:.2f} (median of "
+                f"per-round ratios), {cpu:.2f} (CPU time)"
+            )
 
 
 def count_convolutions(hlo_text: str) -> int:
@@ -583,96 +673,153 @@ def count_convolutions(hlo_text: str) -> int:
     return len(re.findall(r"= \S+ convolution\(|custom_call_target=\"__cudnn\$conv", hlo_text))
 
 
-def bench_memory(args: argparse.Namespace) -> None:
+def bench_memory(args: types.SimpleNamespace) -> None:
     """XLA's memory plan of the train step per remat policy and batch (compiled, never run), and the
     largest batch per device that fits ``--budget_gb``, from the per-image slope of the two largest.
     The convolution count of the compiled step shows whether the compiler kept remat's recomputation."""
     import jax
 
-    print(f"{args.model} {args.image_size}px {args.dtype}, per device on {jax.devices()[0].device_kind}; "
-          f"XLA buffer assignment (compile only); budget {args.budget_gb} GB")
-    print("| remat | batch | arguments | temporaries | peak | temporaries per image | convolutions | compile s |\n"
-          "|---|---|---|---|---|---|---|---|")
+    print(
+        f"{args.model} {args.image_size}px {args.dtype}, per device on {jax.devices()[0].device_kind}; "
+        f"XLA buffer assignment (compile only); budget {args.budget_gb} GB"
+    )
+    print(
+        "| remat | batch | arguments | temporaries | peak | temporaries per image | convolutions | compile s |\n"
+        "|---|---|---|---|---|---|---|---|"
+    )
     fits = []
     for remat in args.remat:
         rows = []
         for batch in sorted(args.batch):
-            step, state, batch_spec, _, _ = _abstract_train(argparse.Namespace(**{**vars(args), "remat": remat}), batch)
+            step, state, batch_spec, _, _ = _abstract_train(
+                types.SimpleNamespace(**{**vars(args), "remat": remat}), batch
+            )
             start = time.perf_counter()
             compiled = step.lower(state, batch_spec).compile()
             mem = _xla_memory(compiled)
             rows.append((batch, mem))
-            print(f"| {remat} | {batch} | {_gb(mem['arguments'])} | {_gb(mem['temporaries'])} | {_gb(mem['peak'])} | "
-                  f"{mem['temporaries'] / batch / 1e6:.1f} MB | {count_convolutions(compiled.as_text())} | "
-                  f"{time.perf_counter() - start:.1f} |", flush=True)
+            print(
+                f"| {remat} | {batch} | {_gb(mem['arguments'])} | {_gb(mem['temporaries'])} | {_gb(mem['peak'])} | "
+                f"{mem['temporaries'] / batch / 1e6:.1f} MB | {count_convolutions(compiled.as_text())} | "
+                f"{time.perf_counter() - start:.1f} |",
+                flush=True,
+            )
         if len(rows) >= 2:
             (b0, m0), (b1, m1) = rows[-2], rows[-1]
             slope = (m1["peak"] - m0["peak"]) / (b1 - b0)
             fixed = m1["peak"] - slope * b1
-            fits.append(f"remat={remat}: {slope / 1e6:.1f} MB per image + {_gb(fixed)} fixed -> "
-                        f"batch {int((args.budget_gb * 1e9 - fixed) // slope)} per device in {args.budget_gb} GB")
+            fits.append(
+                f"remat={remat}: {slope / 1e6:.1f} MB per image + {_gb(fixed)} fixed -> "
+                f"batch {int((args.budget_gb * 1e9 - fixed) // slope)} per device in {args.budget_gb} GB"
+            )
     print("\n".join(fits))
 
 
-def _add_train_arguments(p: argparse.ArgumentParser, batch: list[int]) -> None:
-    p.add_argument("--model", default="vgg16")
-    p.add_argument("--batch", type=int, nargs="+", default=batch, help="images per device (several: one row each)")
-    p.add_argument("--dtype", default="float32", help="computation dtype: float32 or bfloat16")
-    p.add_argument("--image_size", type=int, default=224, help="training crop side (the model's crop size)")
-    p.add_argument("--width", type=int, default=64, help="channels of block 1 (64: the paper's size)")
-    p.add_argument("--fc_width", type=int, default=4096)
-    p.add_argument("--num_classes", type=int, default=1000)
-    p.add_argument("--accum_steps", type=int, default=1, help="gradient-accumulation micro-batches per step")
+def _define_train_flags(values: flags.FlagValues, batch: str) -> None:
+    flags.DEFINE_string("model", "vgg16", "vgg11 ... vgg19_bn, or the paper's letters.", flag_values=values)
+    flags.DEFINE_list("batch", batch, "Images per device, comma-separated (several: one row each).", flag_values=values)
+    flags.DEFINE_string("dtype", "float32", "Computation dtype: float32 or bfloat16.", flag_values=values)
+    flags.DEFINE_integer("image_size", 224, "Training crop side (the model's crop size).", flag_values=values)
+    flags.DEFINE_integer("width", 64, "Channels of block 1 (64: the paper's size).", flag_values=values)
+    flags.DEFINE_integer("fc_width", 4096, "Channels of fc6 and fc7.", flag_values=values)
+    flags.DEFINE_integer("num_classes", 1000, "Classes of fc8.", flag_values=values)
+    flags.DEFINE_integer("accum_steps", 1, "Gradient-accumulation micro-batches per step.", flag_values=values)
+
+
+def _define_input(values: flags.FlagValues, argv: list[str]) -> None:
+    flags.DEFINE_string(
+        "cache_dir",
+        os.path.join(tempfile.gettempdir(), "vgg_jax_bench_jpegs"),
+        "Where the generated JPEGs are kept between runs.",
+        flag_values=values,
+    )
+    flags.DEFINE_integer("num_images", 300, "JPEGs to time.", flag_values=values)
+    flags.DEFINE_list("threads", ["1", "2"], "num_parallel_calls values, comma-separated.", flag_values=values)
+    flags.DEFINE_integer("epochs", 2, "Passes over the images per timed run.", flag_values=values)
+    flags.DEFINE_integer("repeats", 3, "Timed runs; the fastest is reported.", flag_values=values)
+    flags.DEFINE_integer("scale_min", 256, "Training scale S, lower end.", flag_values=values)
+    flags.DEFINE_integer("scale_max", 512, "Training scale S, upper end.", flag_values=values)
+    flags.DEFINE_integer("target", 5000, "img/s to feed (one H100 on VGG-16).", flag_values=values)
+
+
+def _define_eval(values: flags.FlagValues, argv: list[str]) -> None:
+    flags.DEFINE_string("model", "vgg16", "vgg11 ... vgg19_bn, or the paper's letters.", flag_values=values)
+    flags.DEFINE_integer("width", 64, "Channels of block 1 (64: the paper's size).", flag_values=values)
+    flags.DEFINE_integer("fc_width", 4096, "Channels of fc6 and fc7.", flag_values=values)
+    flags.DEFINE_integer("crop_size", 224, "The model's crop size.", flag_values=values)
+    flags.DEFINE_integer("num_classes", 1000, "Classes of fc8.", flag_values=values)
+    flags.DEFINE_string("dtype", "float32", "Computation dtype: float32 or bfloat16.", flag_values=values)
+    flags.DEFINE_string("scales", "256,384,512", "Test scales Q.", flag_values=values)
+    flags.DEFINE_integer("batch", 16, "Images per call.", flag_values=values)
+    flags.DEFINE_integer("repeats", 3, "Timed calls; the fastest is reported.", flag_values=values)
+
+
+def _define_train(values: flags.FlagValues, argv: list[str]) -> None:
+    _define_train_flags(values, "8")
+    flags.DEFINE_enum("remat", "none", REMAT_CHOICES, "The model's remat policy.", flag_values=values)
+    flags.DEFINE_integer("steps", 10, "Timed steps (rounds with --compare_torch).", flag_values=values)
+    flags.DEFINE_integer("warmup", 2, "Untimed steps first.", flag_values=values)
+    flags.DEFINE_float(
+        "peak_tflops",
+        None,
+        "MFU's denominator, all devices (default: bf16 datasheet on GPU, a measured matmul on CPU).",
+        flag_values=values,
+    )
+    flags.DEFINE_integer(
+        "threads", None, "CPU threads of each framework (default: every available CPU).", flag_values=values
+    )
+    flags.DEFINE_string("xla_flags", "", "Appended to XLA_FLAGS.", flag_values=values)
+    flags.DEFINE_bool(
+        "compare_torch", False, "Also time PyTorch's step, interleaved; print ratios.", flag_values=values
+    )
+    flags.DEFINE_string(
+        "compare_xla_flags", None, "Also time vgg_jax's step under these XLA_FLAGS, interleaved.", flag_values=values
+    )
+    flags.DEFINE_string(
+        "profile_dir",
+        None,
+        "Trace --profile_steps more steps of the last batch here; print the top ops.",
+        flag_values=values,
+    )
+    flags.DEFINE_integer("profile_steps", 3, "Steps traced.", flag_values=values)
+    flags.DEFINE_enum("worker", None, ["jax", "torch"], "Internal: a --compare_torch worker.", flag_values=values)
+
+
+def _define_memory(values: flags.FlagValues, argv: list[str]) -> None:
+    _define_train_flags(values, "64,128,256")
+    flags.DEFINE_list("remat", list(REMAT_CHOICES), "Remat policies, comma-separated.", flag_values=values)
+    flags.register_validator(
+        "remat",
+        lambda v: set(v) <= set(REMAT_CHOICES),
+        f"each remat policy must be one of {REMAT_CHOICES}",
+        flag_values=values,
+    )
+    flags.DEFINE_float("budget_gb", 80.0, "Device memory to fit (80: one H100).", flag_values=values)
+
+
+COMMANDS = {
+    "input": (_define_input, bench_input, "tf.data training-transform images/s per core vs decode-only"),
+    "eval": (_define_eval, bench_eval, "evaluation cost per image: dense (3 scales) vs multi-crop (150 crops)"),
+    "train": (_define_train, bench_train, "train-step time, img/s, MFU, peak memory; --compare_torch: vs PyTorch"),
+    "memory": (_define_memory, bench_memory, "XLA's memory plan of the train step per remat policy and batch size"),
+}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m vgg_jax.bench", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("input", help="tf.data training-transform images/s per core vs decode-only")
-    p.add_argument("--cache_dir", default=os.path.join(tempfile.gettempdir(), "vgg_jax_bench_jpegs"),
-                   help="where the generated JPEGs are kept between runs")
-    p.add_argument("--num_images", type=int, default=300)
-    p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="num_parallel_calls values")
-    p.add_argument("--epochs", type=int, default=2, help="passes over the images per timed run")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs; the fastest is reported")
-    p.add_argument("--scale_min", type=int, default=256)
-    p.add_argument("--scale_max", type=int, default=512)
-    p.add_argument("--target", type=int, default=5000, help="img/s to feed (one H100 on VGG-16)")
-    p.set_defaults(run=bench_input)
-    p = commands.add_parser("eval", help="evaluation cost per image: dense (3 scales) vs multi-crop (150 crops)")
-    p.add_argument("--model", default="vgg16")
-    p.add_argument("--width", type=int, default=64, help="channels of block 1 (64: the paper's size)")
-    p.add_argument("--fc_width", type=int, default=4096)
-    p.add_argument("--crop_size", type=int, default=224)
-    p.add_argument("--num_classes", type=int, default=1000)
-    p.add_argument("--dtype", default="float32", help="computation dtype: float32 or bfloat16")
-    p.add_argument("--scales", default="256,384,512", help="test scales Q")
-    p.add_argument("--batch", type=int, default=16, help="images per call")
-    p.add_argument("--repeats", type=int, default=3)
-    p.set_defaults(run=bench_eval)
-    p = commands.add_parser("train", help="train-step time, img/s, MFU, peak memory; --compare_torch: vs PyTorch")
-    _add_train_arguments(p, batch=[8])
-    p.add_argument("--remat", default="none", choices=REMAT_CHOICES, help="the model's remat policy")
-    p.add_argument("--steps", type=int, default=10, help="timed steps (rounds with --compare_torch)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--peak_tflops", type=float,
-                   help="MFU's denominator, all devices (default: bf16 datasheet on GPU, a measured matmul on CPU)")
-    p.add_argument("--threads", type=int, help="CPU threads of each framework (default: every available CPU)")
-    p.add_argument("--xla_flags", default="", help="appended to XLA_FLAGS")
-    p.add_argument("--compare_torch", action="store_true", help="also time PyTorch's step, interleaved; print ratios")
-    p.add_argument("--compare_xla_flags", help="also time vgg_jax's step under these XLA_FLAGS, interleaved")
-    p.add_argument("--profile_dir", help="trace --profile_steps more steps of the last batch here; print the top ops")
-    p.add_argument("--profile_steps", type=int, default=3)
-    p.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
-    p.set_defaults(run=bench_train)
-    p = commands.add_parser("memory", help="XLA's memory plan of the train step per remat policy and batch size")
-    _add_train_arguments(p, batch=[64, 128, 256])
-    p.add_argument("--remat", nargs="+", default=list(REMAT_CHOICES), choices=REMAT_CHOICES)
-    p.add_argument("--budget_gb", type=float, default=80.0, help="device memory to fit (80: one H100)")
-    p.set_defaults(run=bench_memory)
-    args = parser.parse_args(argv)
-    args.run(args)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        listed = "; ".join(f"{name}: {what}" for name, (_, _, what) in COMMANDS.items())
+        cli.fail(f"usage: python -m vgg_jax.bench COMMAND [--flags]; COMMAND is one of {listed}.")
+    define, run, what = COMMANDS[argv[0]]
+    values, rest = cli.parse(argv[1:], define, f"python -m vgg_jax.bench {argv[0]}", what)
+    if rest:
+        cli.fail(f"unexpected arguments {rest}.")
+    args = types.SimpleNamespace(**values.flag_values_dict())
+    for name in ("batch", "threads"):
+        if isinstance(getattr(args, name, None), list):
+            setattr(args, name, [int(v) for v in getattr(args, name)])
+    run(args)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -1,18 +1,10 @@
-"""Orbax checkpoints: train state, data-iterator state, schedule state and config, saved together.
+"""Orbax checkpoints: train state, input-iterator state and meta (schedule state, config), saved together.
 
-Layout: ``<workdir>/checkpoints/<step>/{state, data, meta}``. ``state`` is the TrainState pytree
-(params, momentum, injected learning rate, BN statistics, step, dropout key); ``data`` holds one
-JSON file per process with that process's input-iterator position; ``meta`` the schedule state and
-the config. Orbax writes each checkpoint into a temporary directory and renames it only once every
-item of every process is complete, so a checkpoint interrupted mid-save is never restored: the
-previous one is (the temporary directory is removed at the next start).
-
-Kept: the newest ``keep`` checkpoints plus the ``keep_best`` best by validation top-1 accuracy.
+docs/training.md#checkpoints
 """
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import json
 import os
@@ -24,16 +16,16 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
+from vgg_jax import models
+
 STATE, DATA, META = "state", "data", "meta"
 
 
 class IteratorStateHandler(ocp.CheckpointHandler):
-    """Saves each process's input-iterator state as ``process_<i>.json`` (bytes as base64)."""
+    """Saves each process's input-iterator state (a JSON-able dict) as ``process_<i>.json``."""
 
     def save(self, directory: epath.Path, args: IteratorStateSave) -> None:
-        state = args.state
-        record = {"bytes": base64.b64encode(state).decode()} if isinstance(state, bytes) else {"json": state}
-        (directory / f"process_{jax.process_index()}.json").write_text(json.dumps(record))
+        (directory / f"process_{jax.process_index()}.json").write_text(json.dumps({"json": args.state}))
 
     def restore(self, directory: epath.Path, args: IteratorStateRestore | None = None) -> Any:
         path = directory / f"process_{jax.process_index()}.json"
@@ -44,8 +36,7 @@ class IteratorStateHandler(ocp.CheckpointHandler):
                 "the checkpoint was written by a run with fewer processes. Resume with the same process "
                 "count, or start a new run from its parameters with --config.init_from."
             )
-        record = json.loads(path.read_text())
-        return base64.b64decode(record["bytes"]) if "bytes" in record else record["json"]
+        return json.loads(path.read_text())["json"]
 
 
 @ocp.args.register_with_handler(IteratorStateHandler, for_save=True)
@@ -97,8 +88,12 @@ class Checkpointer:
         policy = policies.AnyPreservationPolicy(
             [
                 policies.LatestN(n=keep),
-                policies.BestN(get_metric_fn=lambda m: m["top1"], reverse=False, n=keep_best,
-                               keep_checkpoints_without_metrics=False),
+                policies.BestN(
+                    get_metric_fn=lambda m: m["top1"],
+                    reverse=False,
+                    n=keep_best,
+                    keep_checkpoints_without_metrics=False,
+                ),
             ]
         )
         options = ocp.CheckpointManagerOptions(
@@ -108,7 +103,9 @@ class Checkpointer:
             cleanup_tmp_directories=True,
         )
         handlers = {
-            STATE: ocp.StandardCheckpointHandler(), DATA: IteratorStateHandler(), META: ocp.JsonCheckpointHandler()
+            STATE: ocp.StandardCheckpointHandler(),
+            DATA: IteratorStateHandler(),
+            META: ocp.JsonCheckpointHandler(),
         }
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
@@ -128,8 +125,11 @@ class Checkpointer:
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(
-                **{STATE: ocp.args.StandardRestore(abstract_state), DATA: IteratorStateRestore(),
-                   META: ocp.args.JsonRestore()}
+                **{
+                    STATE: ocp.args.StandardRestore(abstract_state),
+                    DATA: IteratorStateRestore(),
+                    META: ocp.args.JsonRestore(),
+                }
             ),
         )
         return restored[STATE], restored[DATA], restored[META]
@@ -145,15 +145,30 @@ class Checkpointer:
         self.manager.close()
 
 
-def restore_variables(path: str | epath.Path, sharding: jax.sharding.Sharding | None = None) -> dict[str, Any]:
-    """``{'params', 'batch_stats'}`` from a run's workdir, checkpoints dir or one checkpoint step dir.
+def restore_model(path: str | epath.Path) -> tuple[models.VGG, dict[str, Any], dict[str, Any]]:
+    """``(model, variables, meta)`` of the newest checkpoint under ``path`` (a training workdir, its
+    checkpoints dir, a step dir, or converted weights): the model its meta config describes, with
+    fc8's class count, checked against the stored parameters. Works on any device count: the arrays
+    land on this process's first device whatever wrote them."""
+    meta = read_meta(path)
+    if "model" not in meta.get("config", {}):
+        raise ValueError(
+            f"{find_checkpoint(path)} has no model config in its meta item: it was not written by "
+            "vgg_jax.main or vgg_jax.convert, so the model cannot be rebuilt."
+        )
+    variables = _restore_variables(path)
+    num_classes = int(variables["params"]["fc8"]["bias"].shape[0])
+    crop_size = meta["config"].get("data", {}).get("crop_size", models.VGG.crop_size)
+    model = models.from_config(meta["config"]["model"], num_classes=num_classes, crop_size=crop_size)
+    check_compatible(models.variable_shapes(model)["params"], variables["params"], str(path))
+    return model, variables, meta
 
-    Works whatever the device count of the run that wrote it; arrays land on ``sharding``
-    (default: replicated on this process's first device).
-    """
+
+def _restore_variables(path: str | epath.Path) -> dict[str, Any]:
+    """``{'params', 'batch_stats'}`` of the newest checkpoint under ``path``, on this process's first device."""
     step_dir = find_checkpoint(path)
     metadata = ocp.StandardCheckpointer().metadata(step_dir / STATE).item_metadata
-    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = {
         key: jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), metadata[key])
         for key in ("params", "batch_stats")
@@ -173,12 +188,14 @@ def _partial_restore(directory: epath.Path, target: dict[str, Any]) -> dict[str,
 def save_variables(directory: str | epath.Path, variables: dict[str, Any], meta: dict[str, Any]) -> epath.Path:
     """Writes a standalone checkpoint (``state`` = {'params', 'batch_stats'}, ``meta`` = JSON).
 
-    Converted weights use this layout; ``restore_variables``, ``read_meta``, ``vgg_jax.load`` and
+    Converted weights use this layout; ``restore_model``, ``read_meta``, ``vgg_jax.load`` and
     ``--config.init_from`` all accept the directory.
     """
     directory = absolute(directory)
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(directory / STATE, {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})})
+    checkpointer.save(
+        directory / STATE, {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+    )
     checkpointer.wait_until_finished()
     (directory / META).mkdir(parents=True, exist_ok=True)
     (directory / META / "metadata").write_text(json.dumps(meta))

@@ -1,75 +1,27 @@
-"""Weight import and export between vgg_jax and torchvision, Keras and Caffe layouts.
+"""Weight import and export between vgg_jax and the torchvision, Keras and Caffe layouts.
 
-Every source is read into a flat ``{name: array}`` dict, then mapped tensor by tensor through a
-*layout* (the source's name, shape and axis order of each of our variables), checking every name
-and shape first: a file of another architecture is refused naming the tensor, the shape the model
-expects and the shape found.
-
-Layouts:
-
-* ``torchvision`` (``vgg11`` ... ``vgg19``, ``vgg*_bn``): ``features.N.{weight,bias}`` where N walks
-  torchvision's ``make_layers`` sequence (conv, [BatchNorm2d], ReLU per conv; MaxPool per block);
-  BN tensors are ``weight -> scale``, ``bias -> bias``, ``running_mean -> mean``,
-  ``running_var -> var`` (``num_batches_tracked`` is ignored). Conv kernels OIHW -> HWIO is
-  ``transpose(2, 3, 1, 0)``; ``classifier.0/3/6`` are fc6/fc7/fc8 as Linear ``(out, in)``, fc6's
-  input flattened in C, H, W order: ``(4096, 25088) -> (4096, 512, 7, 7) -> (7, 7, 512, 4096)``.
-* ``keras`` (``keras.applications.VGG16/VGG19``, ``include_top=True``): ``block{b}_conv{i}``,
-  ``fc1``, ``fc2``, ``predictions``, each ``kernel`` (HWIO; fc1 ``(25088, 4096)`` flattened H, W, C)
-  and ``bias``.
-* ``caffe``: the release ``VGG_ILSVRC_16_layers`` / ``VGG_ILSVRC_19_layers`` caffemodels dumped with
-  pycaffe, blob 0 as ``W`` and blob 1 as ``b``::
-
-      np.savez("vgg16_caffe.npz", **{f"{name}/{n}": blobs[i].data
-                                     for name, blobs in net.params.items() for i, n in enumerate("Wb")})
-
-  i.e. keys ``conv1_1/W`` (OIHW), ``conv1_1/b``, ..., ``fc6/W`` ``(4096, 25088)`` (C, H, W
-  flattened, as Caffe's InnerProduct), ``fc8/b``; an ``.h5`` with the same paths (groups
-  ``conv1_1`` holding datasets ``W`` and ``b``) works too.
-
-Keras and Caffe networks take BGR input. Imports from them reverse conv1_1's input-channel axis so
-that every checkpoint of this project takes RGB, which the training pipeline feeds (an exact
-permutation, no numerical change); their preprocessing is stored as RGB with the mean reordered.
-
-Files are never unpickled unsafely: ``.pth`` goes through ``torch.load(weights_only=True)``, ``.npz``
-through ``np.load(allow_pickle=False)``; safetensors and HDF5 hold no code.
-
-CLI::
-
-    python -m vgg_jax.convert --source=torchvision --model=vgg16 vgg16-397923af.pth CKPT_DIR
-    python -m vgg_jax.convert --source=keras --model=vgg19 vgg19_weights_tf_dim_ordering_tf_kernels.h5 CKPT_DIR
-    python -m vgg_jax.convert --source=caffe --model=vgg16 vgg16_caffe.npz CKPT_DIR
-    python -m vgg_jax.convert --to=torchvision-safetensors CKPT_DIR vgg16.safetensors
+docs/backbone.md#converting-weights
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import pickle
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from absl import flags
 
-from vgg_jax import checkpoints, models
-from vgg_jax.load import restore_model
+from vgg_jax import checkpoints, cli, models, preprocessing
+from vgg_jax.errors import UserError
 from vgg_jax.models import VGG
 
-SOURCES = ("torchvision", "keras", "caffe")
-
-# Input conventions ("preprocessing" in a converted checkpoint's meta): images in channel_order,
-# on [0, input_scale], then (x - mean) / std per channel in that order.
-PREPROCESSING: dict[str, dict[str, Any]] = {
-    "torchvision": {"channel_order": "RGB", "input_scale": 1.0, "mean": [0.485, 0.456, 0.406],
-                    "std": [0.229, 0.224, 0.225]},
-    # Caffe's and Keras' BGR mean [103.939, 116.779, 123.68], reordered for the flipped conv1_1.
-    "caffe": {"channel_order": "RGB", "input_scale": 255.0, "mean": [123.68, 116.779, 103.939],
-              "std": [1.0, 1.0, 1.0]},
-}
-SOURCE_PREPROCESSING = {"torchvision": "torchvision", "keras": "caffe", "caffe": "caffe"}
-BGR_SOURCES = ("keras", "caffe")
+# The input convention (vgg_jax.preprocessing.PRESETS) of each layout's published weights.
+LAYOUT_CONVENTION = {"torchvision": "torchvision", "keras": "caffe", "caffe": "caffe"}
+BGR_LAYOUTS = ("keras", "caffe")  # networks fed BGR: conv1_1 is flipped to take RGB
 FC8_BIAS = {"torchvision": "classifier.6.bias", "keras": "predictions/bias", "caffe": "fc8/b"}
 IGNORED = re.compile(r".*\.num_batches_tracked")  # torchvision BN bookkeeping, not a weight
 
@@ -118,22 +70,29 @@ def torchvision_layout(model: VGG) -> list[Tensor]:
     tensors, index = [], 0
     for block, kernels in enumerate(model.stages, start=1):
         for i in range(1, len(kernels) + 1):
-            tensors += [Tensor(f"features.{index}.weight", f"conv{block}_{i}", "kernel", kernel=OIHW),
-                        Tensor(f"features.{index}.bias", f"conv{block}_{i}", "bias")]
+            tensors += [
+                Tensor(f"features.{index}.weight", f"conv{block}_{i}", "kernel", kernel=OIHW),
+                Tensor(f"features.{index}.bias", f"conv{block}_{i}", "bias"),
+            ]
             index += 1
             if model.batch_norm:
                 tensors += [
                     Tensor(f"features.{index}.{theirs}", f"bn{block}_{i}", ours, collection)
-                    for theirs, ours, collection in (("weight", "scale", "params"), ("bias", "bias", "params"),
-                                                     ("running_mean", "mean", "batch_stats"),
-                                                     ("running_var", "var", "batch_stats"))
+                    for theirs, ours, collection in (
+                        ("weight", "scale", "params"),
+                        ("bias", "bias", "params"),
+                        ("running_mean", "mean", "batch_stats"),
+                        ("running_var", "var", "batch_stats"),
+                    )
                 ]
                 index += 1
             index += 1  # ReLU
         index += 1  # MaxPool2d
     for index, layer in ((0, "fc6"), (3, "fc7"), (6, "fc8")):  # Linear, ReLU, Dropout, ...
-        tensors += [Tensor(f"classifier.{index}.weight", layer, "kernel", kernel=OIHW),
-                    Tensor(f"classifier.{index}.bias", layer, "bias")]
+        tensors += [
+            Tensor(f"classifier.{index}.weight", layer, "kernel", kernel=OIHW),
+            Tensor(f"classifier.{index}.bias", layer, "bias"),
+        ]
     return tensors
 
 
@@ -144,18 +103,26 @@ def keras_layer_names(model: VGG) -> dict[str, str]:
 
 
 def keras_layout(model: VGG) -> list[Tensor]:
-    return [Tensor(f"{theirs}/{leaf}", ours, leaf, kernel=HWIO if leaf == "kernel" else None)
-            for ours, theirs in keras_layer_names(model).items() for leaf in ("kernel", "bias")]
+    return [
+        Tensor(f"{theirs}/{leaf}", ours, leaf, kernel=HWIO if leaf == "kernel" else None)
+        for ours, theirs in keras_layer_names(model).items()
+        for leaf in ("kernel", "bias")
+    ]
 
 
 def caffe_layout(model: VGG) -> list[Tensor]:
     layers = [f"conv{n}" for n in _conv_names(model)] + ["fc6", "fc7", "fc8"]
-    return [Tensor(f"{layer}/{blob}", layer, leaf, kernel=OIHW if leaf == "kernel" else None)
-            for layer in layers for blob, leaf in (("W", "kernel"), ("b", "bias"))]
+    return [
+        Tensor(f"{layer}/{blob}", layer, leaf, kernel=OIHW if leaf == "kernel" else None)
+        for layer in layers
+        for blob, leaf in (("W", "kernel"), ("b", "bias"))
+    ]
 
 
 LAYOUTS: dict[str, Callable[[VGG], list[Tensor]]] = {
-    "torchvision": torchvision_layout, "keras": keras_layout, "caffe": caffe_layout,
+    "torchvision": torchvision_layout,
+    "keras": keras_layout,
+    "caffe": caffe_layout,
 }
 
 
@@ -168,26 +135,32 @@ def registry_name(stages: models.Stages, batch_norm: bool, lrn: bool = False) ->
     return None
 
 
-def _describe(model: VGG) -> str:
+def describe_model(model: VGG) -> str:
     name = registry_name(model.stages, model.batch_norm, model.lrn) or "this VGG"
-    return (f"{name} (width {model.width}, fc_width {model.fc_width}, crop_size {model.crop_size}, "
-            f"{model.num_classes} classes)")
+    return (
+        f"{name} (width {model.width}, fc_width {model.fc_width}, crop_size {model.crop_size}, "
+        f"{model.num_classes} classes)"
+    )
 
 
-def _layout(model: VGG, source: str) -> list[Tensor]:
-    if source not in LAYOUTS:
-        raise ValueError(f"Unknown source {source!r}: use one of {', '.join(SOURCES)}.")
+def layout_tensors(model: VGG, layout: str) -> list[Tensor]:
+    """The tensors of ``model`` in ``layout``; UserError for a layout or model it does not have."""
+    if layout not in LAYOUTS:
+        raise UserError(f"Unknown layout {layout!r}: use one of {', '.join(LAYOUTS)}.")
     if model.lrn:
-        raise ValueError(f"{source} has no VGG with LRN (A-LRN): use vgg11 for its weights.")
-    if model.batch_norm and source != "torchvision":
-        raise ValueError(f"{source} VGGs have no batch norm: use a model without '_bn'.")
-    return LAYOUTS[source](model)
+        raise UserError(f"{layout} has no VGG with LRN (A-LRN): use vgg11 for its weights.")
+    if model.batch_norm and layout != "torchvision":
+        raise UserError(f"{layout} VGGs have no batch norm: use a model without '_bn'.")
+    return LAYOUTS[layout](model)
 
 
 def guess_torchvision_model(tensors: Mapping[str, Any]) -> str:
     """Names the torchvision architecture of a state dict from its conv indices and kernel sizes."""
-    convs = sorted((int(k.split(".")[1]), np.shape(v)[-1]) for k, v in tensors.items()
-                   if re.fullmatch(r"features\.\d+\.weight", k) and np.ndim(v) == 4)
+    convs = sorted(
+        (int(k.split(".")[1]), np.shape(v)[-1])
+        for k, v in tensors.items()
+        if re.fullmatch(r"features\.\d+\.weight", k) and np.ndim(v) == 4
+    )
     batch_norm = any(k.endswith(".running_mean") for k in tensors)
     stages: list[list[int]] = []
     previous = None
@@ -201,32 +174,38 @@ def guess_torchvision_model(tensors: Mapping[str, Any]) -> str:
     return f"{name} ({described})" if name else f"a VGG with {described}"
 
 
-def import_tensors(tensors: Mapping[str, Any], model: VGG, source: str) -> dict[str, Any]:
-    """``{'params', 'batch_stats'}`` for ``model`` from a flat dict of ``source``-layout tensors.
+def import_tensors(tensors: Mapping[str, Any], model: VGG, layout: str) -> dict[str, Any]:
+    """``{'params', 'batch_stats'}`` for ``model`` from a flat dict of tensors in ``layout``.
 
-    Raises ValueError naming the first tensor that is missing, has another shape than ``model``
+    Raises UserError naming the first tensor that is missing, has another shape than ``model``
     needs, or is not used by ``model``.
     """
-    layout = _layout(model, source)
+    spec = layout_tensors(model, layout)
     shapes = models.variable_shapes(model)
-    hint = f" The file looks like {guess_torchvision_model(tensors)}." if source == "torchvision" else ""
+    hint = f" The file looks like {guess_torchvision_model(tensors)}." if layout == "torchvision" else ""
     fix = " Convert with the file's architecture (--model, --width, --fc_width, --crop_size)."
-    for t in layout:
+    for t in spec:
         expected = t.foreign_shape(tuple(shapes[t.collection][t.layer][t.leaf].shape))
         if t.key not in tensors:
-            raise ValueError(f"The {source} file has no tensor {t.key!r} ({t.layer}/{t.leaf}, expected shape "
-                             f"{expected}) that {_describe(model)} needs.{hint}{fix}")
+            raise UserError(
+                f"The {layout} file has no tensor {t.key!r} ({t.layer}/{t.leaf}, expected shape "
+                f"{expected}) that {describe_model(model)} needs.{hint}{fix}"
+            )
         found = tuple(np.shape(tensors[t.key]))
         if found != expected:
-            raise ValueError(f"Tensor {t.key!r} ({t.layer}/{t.leaf}) has shape {found} in the {source} file but "
-                             f"{_describe(model)} expects {expected}.{hint}{fix}")
-    used = {t.key for t in layout}
+            raise UserError(
+                f"Tensor {t.key!r} ({t.layer}/{t.leaf}) has shape {found} in the {layout} file but "
+                f"{describe_model(model)} expects {expected}.{hint}{fix}"
+            )
+    used = {t.key for t in spec}
     extra = sorted(k for k in tensors if k not in used and not IGNORED.fullmatch(k))
     if extra:
-        raise ValueError(f"The {source} file has tensor {extra[0]!r} (shape {tuple(np.shape(tensors[extra[0]]))}) "
-                         f"that {_describe(model)} does not use.{hint}{fix}")
+        raise UserError(
+            f"The {layout} file has tensor {extra[0]!r} (shape {tuple(np.shape(tensors[extra[0]]))}) "
+            f"that {describe_model(model)} does not use.{hint}{fix}"
+        )
     variables: dict[str, Any] = {"params": {}, "batch_stats": {}}
-    for t in layout:
+    for t in spec:
         ours = tuple(shapes[t.collection][t.layer][t.leaf].shape)
         value = t.to_ours(np.asarray(tensors[t.key], np.float32), ours)
         variables[t.collection].setdefault(t.layer, {})[t.leaf] = np.ascontiguousarray(value)
@@ -246,13 +225,16 @@ def from_torchvision(state_dict: Mapping[str, Any], model: VGG) -> dict[str, Any
 
 def keras_tensors(keras_model: Any) -> dict[str, np.ndarray]:
     """A live Keras model's weights as ``{'<layer>/kernel', '<layer>/bias'}``."""
-    return {f"{layer.name}/{leaf}": np.asarray(w)
-            for layer in keras_model.layers for leaf, w in zip(("kernel", "bias"), layer.get_weights())}
+    return {
+        f"{layer.name}/{leaf}": np.asarray(w)
+        for layer in keras_model.layers
+        for leaf, w in zip(("kernel", "bias"), layer.get_weights())
+    }
 
 
 def from_keras(keras_model: Any, model: VGG) -> dict[str, Any]:
     """Params for ``model`` from a live Keras VGG16/VGG19 (``include_top=True``), input order kept (BGR for
-    the ImageNet weights). Raises ValueError naming the first tensor that does not fit."""
+    the ImageNet weights). Raises UserError naming the first tensor that does not fit."""
     return import_tensors(keras_tensors(keras_model), model, "keras")["params"]
 
 
@@ -279,13 +261,13 @@ def read_torch(path: str | Path) -> dict[str, np.ndarray]:
     except pickle.UnpicklingError as err:
         found = re.search(r"WeightsUnpickler error: (.*?\.)(?:\s|$)", str(err))
         reason = found.group(1) if found else str(err).strip().splitlines()[-1]
-        raise ValueError(
+        raise UserError(
             f"Refused to load {path}: it is not a plain tensor state dict, and unpickling it could run code, "
             f"so it was not loaded (torch.load(weights_only=True): {reason}). If you trust the file, save its "
             "model.state_dict() (or a safetensors file) where you can vet it, and convert that."
         ) from err
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict of tensors: save model.state_dict().")
+        raise UserError(f"{path} holds a {type(state).__name__}, not a state dict of tensors: save model.state_dict().")
     return {k: _numpy(v) for k, v in state.items()}
 
 
@@ -308,11 +290,13 @@ def read_keras_h5(path: str | Path) -> dict[str, np.ndarray]:
         if "layers" in f:  # Keras 3: layers/<key>/vars/<i>, the layer name in vars' attrs
             for group in f["layers"].values():
                 if "vars" in group and len(group["vars"]):
-                    layers[text(group["vars"].attrs["name"])] = [group["vars"][str(i)][()] for i in range(len(group["vars"]))]
+                    layers[text(group["vars"].attrs["name"])] = [
+                        group["vars"][str(i)][()] for i in range(len(group["vars"]))
+                    ]
         else:
             root = f["model_weights"] if "model_weights" in f else f
             if "layer_names" not in root.attrs:
-                raise ValueError(f"{path} is not a Keras weights file (no 'layers' group or 'layer_names' attribute).")
+                raise UserError(f"{path} is not a Keras weights file (no 'layers' group or 'layer_names' attribute).")
             for name in map(text, root.attrs["layer_names"]):
                 layers[name] = [root[name][text(w)][()] for w in root[name].attrs["weight_names"]]
     return {f"{layer}/{leaf}": w for layer, ws in layers.items() for leaf, w in zip(("kernel", "bias"), ws)}
@@ -333,21 +317,21 @@ def read_npz(path: str | Path) -> dict[str, np.ndarray]:
         return {k: f[k] for k in f.files}
 
 
-def read_tensors(path: str | Path, source: str) -> dict[str, np.ndarray]:
-    """The flat tensor dict of a ``source`` file, by its suffix."""
+def read_tensors(path: str | Path, layout: str) -> dict[str, np.ndarray]:
+    """The flat tensor dict of a weights file in ``layout``, by its suffix."""
     suffix = Path(path).suffix.lower()
     readers: dict[str, dict[str, Callable[[Any], dict[str, np.ndarray]]]] = {
         "torchvision": {".pth": read_torch, ".pt": read_torch, ".bin": read_torch, ".safetensors": read_safetensors},
         "keras": {".h5": read_keras_h5, ".hdf5": read_keras_h5},
         "caffe": {".npz": read_npz, ".h5": read_h5_datasets, ".hdf5": read_h5_datasets},
     }
-    if source not in readers:
-        raise ValueError(f"Unknown source {source!r}: use one of {', '.join(SOURCES)}.")
-    if suffix not in readers[source]:
-        raise ValueError(f"Cannot read {path} as {source} weights: expected one of {', '.join(readers[source])}.")
+    if layout not in readers:
+        raise UserError(f"Unknown layout {layout!r}: use one of {', '.join(LAYOUTS)}.")
+    if suffix not in readers[layout]:
+        raise UserError(f"Cannot read {path} as {layout} weights: expected one of {', '.join(readers[layout])}.")
     if not Path(path).is_file():
         raise FileNotFoundError(f"No such weights file: {path}")
-    return readers[source][suffix](path)
+    return readers[layout][suffix](path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,8 +343,10 @@ def to_torchvision(variables: Mapping[str, Any], model: VGG) -> dict[str, np.nda
     expected = models.variable_shapes(model)
     stored = {k: variables.get(k) or {} for k in expected}
     checkpoints.check_compatible(expected, stored, "to export")
-    return {t.key: np.ascontiguousarray(t.to_foreign(np.asarray(stored[t.collection][t.layer][t.leaf], np.float32)))
-            for t in _layout(model, "torchvision")}
+    return {
+        t.key: np.ascontiguousarray(t.to_foreign(np.asarray(stored[t.collection][t.layer][t.leaf], np.float32)))
+        for t in layout_tensors(model, "torchvision")
+    }
 
 
 def save_torchvision_safetensors(path: str | Path, variables: Mapping[str, Any], model: VGG) -> None:
@@ -370,112 +356,105 @@ def save_torchvision_safetensors(path: str | Path, variables: Mapping[str, Any],
     save_file(to_torchvision(variables, model), str(path))
 
 
-def data_normalization(preprocessing: Mapping[str, Any]) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """``(mean_rgb, std_rgb)`` on the 0..255 RGB scale of ``config.data`` for a preprocessing preset."""
-    factor = 255.0 / preprocessing["input_scale"]
-    order = slice(None, None, -1) if preprocessing["channel_order"] == "BGR" else slice(None)
-    return (
-        tuple(m * factor for m in preprocessing["mean"][order]),
-        tuple(s * factor for s in preprocessing["std"][order]),
-    )
-
-
-def normalize(images: Any, preprocessing: Mapping[str, Any]) -> Any:
-    """Model input from RGB images on 0..255 (NHWC, numpy or jax) per a preprocessing preset."""
-    x = images * (preprocessing["input_scale"] / 255.0)
-    if preprocessing["channel_order"] == "BGR":
-        x = x[..., ::-1]
-    return (x - np.asarray(preprocessing["mean"], np.float32)) / np.asarray(preprocessing["std"], np.float32)
-
-
-def checkpoint_meta(name: str, model: VGG, source: str, class_names: list[str] | None) -> dict[str, Any]:
-    """The ``meta`` of a converted checkpoint: model and data config, class names, preprocessing, source."""
-    preprocessing = PREPROCESSING[SOURCE_PREPROCESSING[source]]
-    mean_rgb, std_rgb = data_normalization(preprocessing)
+def checkpoint_meta(name: str, model: VGG, layout: str, class_names: list[str] | None) -> dict[str, Any]:
+    """The ``meta`` of a converted checkpoint: model and data config, class names, input convention, layout."""
+    convention = preprocessing.PRESETS[LAYOUT_CONVENTION[layout]]
     return {
         "config": {
-            "model": {"name": models.canonical_name(name), "width": model.width, "fc_width": model.fc_width,
-                      "num_classes": model.num_classes},
-            "data": {"crop_size": model.crop_size, "mean_rgb": mean_rgb, "std_rgb": std_rgb},
+            "model": {
+                "name": models.canonical_name(name),
+                "width": model.width,
+                "fc_width": model.fc_width,
+                "num_classes": model.num_classes,
+            },
+            "data": {"crop_size": model.crop_size, **convention.data_fields()},
         },
         "class_names": class_names,
-        "preprocessing": preprocessing,
-        "source": source,
+        "preprocessing": convention.to_meta(),
+        "layout": layout,
     }
 
 
-def checkpoint_preprocessing(meta: Mapping[str, Any]) -> dict[str, Any]:
-    """A checkpoint's input convention: its ``preprocessing``, else (training runs) its data config's
-    RGB 0..255 ``(x - mean_rgb) / std_rgb``."""
-    if meta.get("preprocessing"):
-        return dict(meta["preprocessing"])
-    data = meta["config"]["data"]
-    return {"channel_order": "RGB", "input_scale": 255.0, "mean": list(data["mean_rgb"]), "std": list(data["std_rgb"])}
-
-
-def convert_file(path: str | Path, source: str, name: str, **model_options: Any) -> tuple[VGG, dict[str, Any]]:
-    """Reads a weights file and returns ``(model, variables)``; BGR sources are flipped to RGB.
+def convert_file(path: str | Path, layout: str, name: str, **model_options: Any) -> tuple[VGG, dict[str, Any]]:
+    """Reads a weights file and returns ``(model, variables)``; BGR networks are flipped to take RGB.
 
     The class count is the file's (its fc8); ``model_options`` are ``get_model`` options (width, ...).
     """
-    tensors = read_tensors(path, source)
-    fc8_bias = FC8_BIAS[source]
+    tensors = read_tensors(path, layout)
+    fc8_bias = FC8_BIAS[layout]
     num_classes = int(np.shape(tensors[fc8_bias])[0]) if fc8_bias in tensors else 1000
     model = models.get_model(name, num_classes=num_classes, **model_options)
-    variables = import_tensors(tensors, model, source)
-    if source in BGR_SOURCES:
+    variables = import_tensors(tensors, model, layout)
+    if layout in BGR_LAYOUTS:
         variables["params"] = bgr_to_rgb(variables["params"])
     return model, variables
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m vgg_jax.convert", description=__doc__.split("\n\n")[0])
-    parser.add_argument("input", help="weights file (--source) or, with --to=torchvision-safetensors, a checkpoint")
-    parser.add_argument("output", help="checkpoint directory to create, or the .safetensors file to write")
-    parser.add_argument("--source", choices=SOURCES, help="layout of the input weights file")
-    parser.add_argument("--to", choices=("checkpoint", "torchvision-safetensors"), default="checkpoint")
-    parser.add_argument("--model", default="vgg16", help="vgg11 ... vgg19_bn, or the paper's letters")
-    parser.add_argument("--width", type=int, default=64, help="channels of block 1 (64: the published nets)")
-    parser.add_argument("--fc_width", type=int, default=4096)
-    parser.add_argument("--crop_size", type=int, default=224)
-    parser.add_argument("--class_names", help="text file with one class name per line, in fc8's order")
-    return parser
+def export(checkpoint: str, output: str) -> str:
+    """Writes a vgg_jax checkpoint's weights as a torchvision-layout safetensors file."""
+    model, variables, _ = checkpoints.restore_model(checkpoint)
+    save_torchvision_safetensors(output, variables, model)
+    return f"Wrote {output}: torchvision layout of {describe_model(model)}."
 
 
-def _export(args: argparse.Namespace) -> str:
-    if args.source:
-        raise ValueError("--to=torchvision-safetensors exports a vgg_jax checkpoint: drop --source.")
-    model, variables, _ = restore_model(args.input)
-    save_torchvision_safetensors(args.output, variables, model)
-    return f"Wrote {args.output}: torchvision layout of {_describe(model)}."
-
-
-def _import(args: argparse.Namespace) -> str:
-    if not args.source:
-        raise ValueError(f"--source is required to convert a weights file: one of {', '.join(SOURCES)}.")
-    output = Path(args.output).absolute()
-    if output.exists():
-        raise ValueError(f"{args.output} already exists: choose a new checkpoint directory.")
-    model, variables = convert_file(args.input, args.source, args.model, width=args.width,
-                                    fc_width=args.fc_width, crop_size=args.crop_size)
+def convert(
+    weights: str, output: str, layout: str, name: str, class_names_file: str | None = None, **model_options: Any
+) -> str:
+    """Converts a weights file in ``layout`` into a vgg_jax checkpoint directory ``output``."""
+    out = Path(output).absolute()
+    if out.exists():
+        raise UserError(f"{output} already exists: choose a new checkpoint directory.")
+    model, variables = convert_file(weights, layout, name, **model_options)
     class_names = None
-    if args.class_names:
-        class_names = [line.strip() for line in Path(args.class_names).read_text().splitlines() if line.strip()]
+    if class_names_file:
+        class_names = [line.strip() for line in Path(class_names_file).read_text().splitlines() if line.strip()]
         if len(class_names) != model.num_classes:
-            raise ValueError(f"{args.class_names} lists {len(class_names)} names but fc8 has {model.num_classes} classes.")
-    checkpoints.save_variables(output, variables, checkpoint_meta(args.model, model, args.source, class_names))
-    order = PREPROCESSING[SOURCE_PREPROCESSING[args.source]]["channel_order"]
-    return f"Wrote {args.output}: {models.canonical_name(args.model)}, {model.num_classes} classes, from {args.source} ({order} input)."
+            raise UserError(
+                f"{class_names_file} lists {len(class_names)} names but fc8 has {model.num_classes} classes."
+            )
+    checkpoints.save_variables(out, variables, checkpoint_meta(name, model, layout, class_names))
+    return f"Wrote {output}: {models.canonical_name(name)}, {model.num_classes} classes, from {layout} (RGB input)."
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    try:
-        print(_export(args) if args.to == "torchvision-safetensors" else _import(args))
-    except (ValueError, FileNotFoundError) as err:  # our messages say what is wrong and what to do
-        parser.error(str(err))
+def define_flags(values: flags.FlagValues, argv: list[str]) -> None:
+    flags.DEFINE_enum("layout", None, list(LAYOUTS), "Layout of the input weights file.", flag_values=values)
+    flags.DEFINE_enum(
+        "to", "checkpoint", ["checkpoint", "torchvision-safetensors"], "What to write.", flag_values=values
+    )
+    flags.DEFINE_string("model", "vgg16", "vgg11 ... vgg19_bn, or the paper's letters.", flag_values=values)
+    flags.DEFINE_integer("width", 64, "Channels of block 1 (64: the published nets).", flag_values=values)
+    flags.DEFINE_integer("fc_width", 4096, "Channels of fc6 and fc7.", flag_values=values)
+    flags.DEFINE_integer("crop_size", 224, "The network's crop size.", flag_values=values)
+    flags.DEFINE_string(
+        "class_names", None, "Text file with one class name per line, in fc8's order.", flag_values=values
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    """``python -m vgg_jax.convert --layout=torchvision --model=vgg16 WEIGHTS CKPT_DIR``, or
+    ``--to=torchvision-safetensors CKPT OUT.safetensors``."""
+    values, rest = cli.parse(argv, define_flags, "python -m vgg_jax.convert", main.__doc__)
+    if len(rest) != 2:
+        cli.fail(f"give two arguments, INPUT and OUTPUT; got {rest}.")
+    if values.to == "torchvision-safetensors":
+        if values.layout:
+            raise UserError("--to=torchvision-safetensors exports a vgg_jax checkpoint: drop --layout.")
+        message = export(*rest)
+    else:
+        if not values.layout:
+            raise UserError(f"--layout is required to convert a weights file: one of {', '.join(LAYOUTS)}.")
+        message = convert(
+            *rest,
+            values.layout,
+            values.model,
+            values.class_names,
+            width=values.width,
+            fc_width=values.fc_width,
+            crop_size=values.crop_size,
+        )
+    print(message)
+    return message
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

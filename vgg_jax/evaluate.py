@@ -1,30 +1,10 @@
 """The paper's test-time protocols (Sect. 3.2, 4) over a whole evaluation split, and their CLI.
 
-``python -m vgg_jax.evaluate --workdir=DIR --protocol=dense --scales=256,384,512`` (docs/evaluation.md).
-
-Methods, each turning a batch into soft-max posteriors per image:
-- ``center``: the centre crop at shorter side Q (the cheap check used during training);
-- ``dense``: the whole image at shorter side Q through the fully convolutional net; the class score
-  map is averaged over the positions whose fc6 window lies inside the image, and the soft-max
-  posteriors of the image and its horizontal flip are averaged;
-- ``multicrop``: the 5x5 grid of crops and their flips (50 views per scale), posteriors averaged.
-
-A protocol is one method or several joined by ``+`` (``dense+multicrop``). Every (model, method,
-scale) pass yields per-image posteriors keyed by the image's index in the split; posteriors are
-then averaged over scales, over methods and over the models of an ensemble (the paper's Tables 3-5
-and its ILSVRC submission). Padding rows of the last batches (``valid`` False) are never counted,
-and the totals over processes are checked against the split size, so every validation image
-counts exactly once whatever the batch size and process count.
-
-Dense evaluation batches images of one canvas size, each at the top-left of the canvas. The
-input of every convolution is zeroed outside the image's region at that layer's resolution, which
-is exactly the zero padding the network would see on the image alone: a padded image gets the
-same score map as when evaluated by itself (tests/test_evaluate.py).
+``python -m vgg_jax.evaluate --checkpoint=DIR --protocol=dense --scales=256,384,512``; docs/evaluation.md
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -38,13 +18,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import flags
 from jax.experimental import multihost_utils
+from ml_collections import config_flags
 
-from vgg_jax import data, sharding
-from vgg_jax.load import load
+from vgg_jax import cli, data, models, sharding
+from vgg_jax.classifier import load
+from vgg_jax.data.config import VIEWS, default_data_config, train_scale
+from vgg_jax.errors import ConfigError
+from vgg_jax.train_step import topk_correct
 
-METHODS = ("center", "dense", "multicrop")
-STRIDE = 32  # five 2x2 max-pools: the score map's step in input pixels
 _FIELDS = {"center": ("image",), "multicrop": ("image",), "dense": ("image", "height", "width")}
 
 ApplyFn = Callable[..., jax.Array]
@@ -75,9 +58,7 @@ def multicrop_posteriors(apply_fn: ApplyFn, variables: Any, batch: Mapping[str, 
     return total / views.shape[0]
 
 
-def dense_posteriors(
-    apply_fn: ApplyFn, variables: Any, batch: Mapping[str, jax.Array], flip: bool = True
-) -> jax.Array:
+def dense_posteriors(apply_fn: ApplyFn, variables: Any, batch: Mapping[str, jax.Array], flip: bool = True) -> jax.Array:
     """Dense evaluation (paper Sect. 3.2) of images on a padded canvas.
 
     ``batch``: 'image' [b, H, W, 3] with each image at the top-left, 'height' and 'width' [b] its
@@ -111,7 +92,7 @@ def valid_positions(size: jax.Array, canvas: int, map_size: int) -> jax.Array:
     pool5 has ``size // 32`` rows of the image and ``canvas // 32`` of the canvas; fc6 (window w)
     gives ``canvas // 32 - w + 1 = map_size`` positions on the canvas, ``size // 32 - w + 1`` on the image.
     """
-    return jnp.maximum(map_size - canvas // STRIDE + size // STRIDE, 0)
+    return jnp.maximum(map_size - canvas // models.STRIDE + size // models.STRIDE, 0)
 
 
 def flip_within(image: jax.Array, width: jax.Array) -> jax.Array:
@@ -168,7 +149,7 @@ class Member:
     name: str
     apply_fn: ApplyFn
     variables: Any
-    data_cfg: ml_collections.ConfigDict
+    data_config: ml_collections.ConfigDict
 
 
 @dataclasses.dataclass
@@ -188,20 +169,20 @@ class Pass:
 def parse_protocol(protocol: str) -> tuple[str, ...]:
     """'dense+multicrop' -> ('dense', 'multicrop'); a clear error for unknown methods."""
     methods = tuple(protocol.split("+"))
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in VIEWS]
     if unknown or len(set(methods)) != len(methods):
-        raise ValueError(
-            f"Unknown or repeated evaluation method(s) in protocol {protocol!r}: use one of {', '.join(METHODS)} "
+        raise ConfigError(
+            f"Unknown or repeated evaluation method(s) in protocol {protocol!r}: use one of {', '.join(VIEWS)} "
             "or several joined by '+', e.g. 'dense+multicrop'."
         )
     return methods
 
 
-def paper_scales(data_cfg: ml_collections.ConfigDict) -> tuple[int, int, int]:
+def paper_scales(data_config: ml_collections.ConfigDict) -> tuple[int, int, int]:
     """The paper's test scales (Sect. 4.2): {S-32, S, S+32} for fixed S, {S_min, mid, S_max} if jittered."""
-    lo, hi = int(data_cfg.scale_min), int(data_cfg.scale_max)
+    lo, hi = int(data_config.scale_min), int(data_config.scale_max)
     if lo == hi:
-        return (max(lo - 32, int(data_cfg.crop_size)), lo, lo + 32)
+        return (max(lo - 32, int(data_config.crop_size)), lo, lo + 32)
     return (lo, (lo + hi) // 2, hi)
 
 
@@ -230,7 +211,7 @@ def run_pass(member: Member, method: str, scale: int, mesh: jax.sharding.Mesh, b
     The host fetches a batch's results only after the next batch has been dispatched, so the
     device never waits for the host.
     """
-    batches = data.create_eval_iterator(member.data_cfg, view=method, scale=scale, global_batch_size=batch_size)
+    batches = data.create_eval_iterator(member.data_config, view=method, scale=scale, global_batch_size=batch_size)
     collected: list[tuple[np.ndarray, ...]] = []
     pending = None
 
@@ -248,7 +229,7 @@ def run_pass(member: Member, method: str, scale: int, mesh: jax.sharding.Mesh, b
     if pending is not None:
         fetch(pending)
     if not collected:
-        raise ValueError(f"The evaluation split {member.data_cfg.eval_split!r} is empty: choose another --split.")
+        raise ValueError(f"The evaluation split {member.data_config.eval_split!r} is empty: choose another --split.")
     index, label, posteriors = (np.concatenate(parts) for parts in zip(*collected))
     order = np.argsort(index, kind="stable")
     index, label, posteriors = index[order], label[order], posteriors[order]
@@ -328,11 +309,6 @@ def _groups(passes: list[Pass], members: list[str], methods: tuple[str, ...], sc
     return groups
 
 
-def _topk_correct(posteriors: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
-    top = np.argsort(-posteriors, axis=1, kind="stable")[:, :k]
-    return (top == labels[:, None]).any(axis=1)
-
-
 def combine(
     passes: list[Pass], members: list[str], methods: tuple[str, ...], scales: tuple[int, ...]
 ) -> tuple[list[Row], dict[str, float]]:
@@ -352,14 +328,17 @@ def combine(
     k5 = min(5, reference.posteriors.shape[1])
     for i, (_, _, _, _, group) in enumerate(groups):
         mean = sum(p.posteriors.astype(np.float64) for p in group) / len(group)
-        counts[i] = (_topk_correct(mean, reference.label, 1).sum(), _topk_correct(mean, reference.label, k5).sum(),
-                     len(reference.index))
+        counts[i] = (
+            topk_correct(mean, reference.label, 1).sum(),
+            topk_correct(mean, reference.label, k5).sum(),
+            len(reference.index),
+        )
     for j, p in enumerate(passes):  # per pass: images counted and skipped, for the exactly-once check
         counts[len(groups) + j] = (len(p.index), p.skipped, p.split_size)
     if jax.process_count() > 1:
         counts = multihost_utils.process_allgather(counts).reshape(jax.process_count(), *counts.shape).sum(0)
-        counts[len(groups):, 2] //= jax.process_count()  # the split size is the same number everywhere
-    for p, (counted, skipped, size) in zip(passes, counts[len(groups):]):
+        counts[len(groups) :, 2] //= jax.process_count()  # the split size is the same number everywhere
+    for p, (counted, skipped, size) in zip(passes, counts[len(groups) :]):
         if counted + skipped != size:
             raise RuntimeError(
                 f"{p.member} {p.method}@{p.scale}: {counted} images evaluated + {skipped} unreadable != the "
@@ -368,8 +347,15 @@ def combine(
     rows, results = [], {}
     for (key, member, method, group_scales, _), (top1, top5, images) in zip(groups, counts[: len(groups)]):
         n = max(int(images), 1)
-        row = Row(key, member, method, tuple(group_scales), round(100.0 * (1 - top1 / n), 6),
-                  round(100.0 * (1 - top5 / n), 6), int(images))
+        row = Row(
+            key,
+            member,
+            method,
+            tuple(group_scales),
+            round(100.0 * (1 - top1 / n), 6),
+            round(100.0 * (1 - top5 / n), 6),
+            int(images),
+        )
         rows.append(row)
         results[key.format("top1_error")] = row.top1_error
         results[key.format("top5_error")] = row.top5_error
@@ -394,24 +380,20 @@ def evaluate_members(
     if len(set(names)) != len(names):
         raise ValueError(f"Model names must be unique in an ensemble, got {names}.")
     methods = parse_protocol(protocol)
-    scales = tuple(int(s) for s in (scales or members[0].data_cfg.eval_scales))
+    scales = tuple(int(s) for s in (scales or members[0].data_config.eval_scales))
     if not scales:
         raise ValueError("No test scales: pass scales=... or set data.eval_scales.")
     members = [dataclasses.replace(m, variables=on_mesh(m.variables, mesh)) for m in members]
     passes = [run_pass(m, method, q, mesh, batch_size) for m in members for method in methods for q in scales]
     rows, results = combine(passes, names, methods, scales)
-    return Report(rows, results, {m.name: _train_scale(m.data_cfg) for m in members})
-
-
-def _train_scale(data_cfg: ml_collections.ConfigDict) -> str:
-    lo, hi = data_cfg.get("scale_min"), data_cfg.get("scale_max")
-    return str(lo) if lo == hi else f"[{lo};{hi}]"
+    scales_s = {m.name: train_scale(m.data_config.scale_min, m.data_config.scale_max) for m in members}
+    return Report(rows, results, scales_s)
 
 
 def evaluate(
     apply_fn: ApplyFn,
     variables: Any,
-    data_cfg: ml_collections.ConfigDict,
+    data_config: ml_collections.ConfigDict,
     mesh: jax.sharding.Mesh,
     *,
     protocol: str = "center",
@@ -420,7 +402,7 @@ def evaluate(
 ) -> dict[str, float]:
     """Top-1/top-5 error (%) of one model: ``top1_error@Q`` per test scale, ``top1_error`` over all
     (and per method with ``/``-prefixed keys for combined protocols), and ``images``."""
-    member = Member("model", apply_fn, variables, data_cfg)
+    member = Member("model", apply_fn, variables, data_config)
     return evaluate_members([member], mesh, protocol=protocol, scales=scales, batch_size=batch_size).results
 
 
@@ -428,56 +410,58 @@ def evaluate(
 # CLI
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m vgg_jax.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--workdir", action="append", default=[], help="a training workdir (repeat for an ensemble)")
-    p.add_argument("--checkpoint", action="append", default=[],
-                   help="a checkpoints dir, a step dir or converted weights (repeat for an ensemble)")
-    p.add_argument("--protocol", default="dense", help="center, dense, multicrop or several joined by '+'")
-    p.add_argument("--scales", default=None,
-                   help="comma-separated test scales Q, or 'paper' ({S-32,S,S+32} or {S_min,mid,S_max}); "
-                        "default: the first model's data.eval_scales")
-    p.add_argument("--batch_size", type=int, default=64,
-                   help="images per global batch (a multiple of the process count)")
-    p.add_argument("--split", default=None, help="evaluation split (default: the training config's data.eval_split)")
-    p.add_argument("--dataset", default=None, help="dataset name (default: the training config's)")
-    p.add_argument("--data_dir", default=None, help="TFDS data_dir (default: the training config's)")
-    p.add_argument("--manual_dir", default=None, help="imagenet2012: folder with the ILSVRC2012 tars")
-    p.add_argument("--folder", default=None, help="dataset 'folder': the image folder root")
-    p.add_argument("--out", default=None,
-                   help="directory for the JSON and markdown results (default: <workdir>/eval)")
-    p.add_argument("--coordinator_address", default="", help="jax.distributed: host:port of process 0")
-    p.add_argument("--num_processes", type=int, default=0)
-    p.add_argument("--process_id", type=int, default=-1)
-    p.add_argument("--distributed", action="store_true",
-                   help="jax.distributed.initialize() with auto-detection (Cloud TPU pods, SLURM)")
-    args = p.parse_args(argv)
-    if not args.workdir + args.checkpoint:
-        p.error("give --workdir=DIR or --checkpoint=PATH (several for an ensemble)")
-    return args
-
-
-def _data_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    fields = dict(eval_split=args.split, dataset=args.dataset, data_dir=args.data_dir, manual_dir=args.manual_dir,
-                  folder=args.folder)
-    return {k: v for k, v in fields.items() if v is not None}
+def define_flags(values: flags.FlagValues, argv: list[str]) -> None:
+    flags.DEFINE_multi_string(
+        "checkpoint",
+        [],
+        "A training workdir, its checkpoints dir, a step dir or converted weights; repeat for an ensemble.",
+        flag_values=values,
+    )
+    flags.DEFINE_string("protocol", "dense", "center, dense, multicrop, or several joined by '+'.", flag_values=values)
+    flags.DEFINE_string(
+        "scales",
+        None,
+        "Comma-separated test scales Q, or 'paper' ({S-32,S,S+32} or "
+        "{S_min,mid,S_max}); default: the first model's data.eval_scales.",
+        flag_values=values,
+    )
+    flags.DEFINE_integer("batch_size", 64, "Images per global batch.", flag_values=values)
+    flags.DEFINE_string(
+        "out", None, "Directory for the JSON and markdown results (default: <workdir>/eval).", flag_values=values
+    )
+    config_flags.DEFINE_config_dict(
+        "data",
+        default_data_config(),
+        "Data fields to override in the checkpoint's config, e.g. --data.eval_split=validation[:1000].",
+        flag_values=values,
+        sys_argv=argv,
+    )
+    config_flags.DEFINE_config_dict(
+        "distributed",
+        sharding.default_distributed_config(),
+        "jax.distributed, as --config.distributed of training.",
+        flag_values=values,
+        sys_argv=argv,
+    )
 
 
 _LOCATION = ("dataset", "data_dir", "manual_dir", "folder", "download", "eval_split")
 
 
 def members_from_paths(paths: Sequence[str], overrides: Mapping[str, Any]) -> list[Member]:
-    """Loads each checkpoint; all read the first one's dataset and split (plus ``overrides``)."""
+    """Loads each checkpoint; all read the first one's dataset and split, then ``overrides`` (data fields)."""
     loaded = [load(path) for path in paths]
-    location = {k: loaded[0].config.data[k] for k in _LOCATION} | dict(overrides)
+    location = {k: loaded[0].config.data[k] for k in _LOCATION}
     members = []
     for i, model in enumerate(loaded):
-        data_cfg = ml_collections.ConfigDict(model.config.data.to_dict())
-        data_cfg.update(location)
+        data_config = ml_collections.ConfigDict(model.config.data.to_dict())
+        data_config.update(location)
+        for path, value in overrides.items():
+            data_config[path] = value
         if model.class_names != loaded[0].class_names:
-            raise ValueError(f"{paths[i]} predicts other classes than {paths[0]}: an ensemble needs the same classes.")
+            raise ConfigError(f"{paths[i]} predicts other classes than {paths[0]}: an ensemble needs the same classes.")
         name = f"{model.config.model.name}#{i}" if len(paths) > 1 else model.config.model.name
-        members.append(Member(name, model.apply_fn, model.variables, data_cfg))
+        members.append(Member(name, model.apply_fn, model.variables, data_config))
     return members
 
 
@@ -488,7 +472,7 @@ def parse_scales(text: str | None) -> tuple[int, ...] | None:
     try:
         return tuple(int(q) for q in text.split(","))
     except ValueError:
-        raise ValueError(f"--scales={text!r}: give comma-separated integers (e.g. 256,384,512) or 'paper'.") from None
+        raise ConfigError(f"--scales={text!r}: give comma-separated integers (e.g. 256,384,512) or 'paper'.") from None
 
 
 def default_out(path: str) -> str:
@@ -502,25 +486,35 @@ def default_out(path: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> Report:
-    args = parse_args(argv)
-    parse_protocol(args.protocol)  # fail before loading anything
-    if args.coordinator_address or args.distributed:
-        from vgg_jax.main import initialize_distributed
+    values, rest = cli.parse(argv, define_flags, "python -m vgg_jax.evaluate", __doc__)
+    if rest:
+        cli.fail(f"unexpected arguments {rest}: name checkpoints with --checkpoint=PATH.")
+    paths = values.checkpoint
+    if not paths:
+        cli.fail(
+            "give --checkpoint=PATH (a training workdir, a step dir or converted weights; several for an ensemble)."
+        )
+    parse_protocol(values.protocol)  # fail before loading anything
+    sharding.initialize_distributed(values.distributed)
+    from vgg_jax.data import pipeline
 
-        initialize_distributed(ml_collections.ConfigDict(dict(
-            enabled=True, coordinator_address=args.coordinator_address, num_processes=args.num_processes,
-            process_id=args.process_id)))
-    paths = args.workdir + args.checkpoint
-    members = members_from_paths(paths, _data_overrides(args))
-    scales = paper_scales(members[0].data_cfg) if args.scales == "paper" else parse_scales(args.scales)
-    report = evaluate_members(members, sharding.make_mesh(), protocol=args.protocol, scales=scales,
-                              batch_size=args.batch_size)
+    pipeline.setup_tensorflow()
+    members = members_from_paths(paths, config_flags.get_override_values(values["data"]))
+    scales = paper_scales(members[0].data_config) if values.scales == "paper" else parse_scales(values.scales)
+    report = evaluate_members(
+        members, sharding.make_mesh(), protocol=values.protocol, scales=scales, batch_size=values.batch_size
+    )
     if jax.process_index() == 0:
-        out = args.out or default_out(paths[0])
+        out = values.out or default_out(paths[0])
         os.makedirs(out, exist_ok=True)
-        stem = os.path.join(out, f"{args.protocol}_{'-'.join(str(r) for r in report.rows[-1].scales)}")
-        record = dict(protocol=args.protocol, checkpoints=list(paths), split=members[0].data_cfg.eval_split,
-                      results=report.results, rows=[dataclasses.asdict(r) for r in report.rows])
+        stem = os.path.join(out, f"{values.protocol}_{'-'.join(str(r) for r in report.rows[-1].scales)}")
+        record = dict(
+            protocol=values.protocol,
+            checkpoints=list(paths),
+            split=members[0].data_config.eval_split,
+            results=report.results,
+            rows=[dataclasses.asdict(r) for r in report.rows],
+        )
         with open(stem + ".json", "w") as f:
             json.dump(record, f, indent=2)
         with open(stem + ".md", "w") as f:
@@ -532,4 +526,4 @@ def main(argv: Sequence[str] | None = None) -> Report:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -1,16 +1,5 @@
-"""Perceptual losses on VGG features: feature reconstruction, Gram-matrix style, total variation.
-
-Definitions follow Johnson, Alahi & Fei-Fei, "Perceptual Losses for Real-Time Style Transfer and
-Super-Resolution" (ECCV 2016), for a layer ``l`` with activations ``phi_l`` of shape (H, W, C):
-
-* feature reconstruction: ``||phi_l(x) - phi_l(y)||_2^2 / (C H W)`` (their eq. 2);
-* Gram matrix: ``G_l(x)[c, c'] = sum_{h, w} phi_l(x)[h, w, c] phi_l(x)[h, w, c'] / (C H W)`` (eq. 3);
-* style: ``||G_l(x) - G_l(y)||_F^2`` (eq. 4). Gatys et al. (CVPR 2016) use the unnormalised Gram
-  ``F F^T`` and ``E_l = ||F F^T - A||^2 / (4 C^2 (HW)^2)``, which is this style loss / 4.
-
-Each loss sums ``weight * loss_l`` over the layers named in ``weights`` and averages over the batch.
-The functions are pure and jittable; they take feature dicts as returned by
-``vgg_jax.models.extract_features`` (computed on normalised inputs: see ``vgg_jax.convert.normalize``).
+"""Perceptual losses on VGG features (Johnson et al., ECCV 2016): feature reconstruction, Gram-matrix
+style, total variation. docs/backbone.md#perceptual-and-style-losses-vgg_jaxlossespy
 """
 
 from __future__ import annotations
@@ -73,5 +62,6 @@ def perceptual_loss(
     both = jnp.concatenate([images, jax.lax.stop_gradient(targets)])
     features = models.extract_features(model, variables, both, weights)
     n = images.shape[0]
-    return feature_reconstruction_loss({layer: f[:n] for layer, f in features.items()},
-                                       {layer: f[n:] for layer, f in features.items()}, weights)
+    return feature_reconstruction_loss(
+        {layer: f[:n] for layer, f in features.items()}, {layer: f[n:] for layer, f in features.items()}, weights
+    )

@@ -1,33 +1,27 @@
 """Train a VGG: ``python -m vgg_jax.main --config=configs/<experiment>.py --workdir=DIR [--config.x=...]``.
 
-Resumes automatically from the newest checkpoint in DIR.
+docs/training.md
 """
 
 from __future__ import annotations
 
 import json
 import logging as std_logging
+from collections.abc import Sequence
 
 import jax
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.json.")
-config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).", lock_config=True)
-flags.mark_flags_as_required(["config", "workdir"])
+from vgg_jax import cli, sharding
 
 
-def initialize_distributed(cfg) -> None:
-    """``jax.distributed.initialize`` as configured: explicit cluster, or auto-detected (TPU pods, SLURM)."""
-    if not cfg.enabled:
-        return
-    if cfg.coordinator_address:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # used only by CPU devices
-        jax.distributed.initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
-    else:
-        jax.distributed.initialize()
-    logging.info("Process %d of %d, %d local devices", jax.process_index(), jax.process_count(), jax.local_device_count())
+def define_flags(values: flags.FlagValues, argv: list[str]) -> None:
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.json.", flag_values=values)
+    config_flags.DEFINE_config_file(
+        "config", None, "Path to a config file (configs/*.py).", flag_values=values, lock_config=True, sys_argv=argv
+    )
+    flags.mark_flags_as_required(["config", "workdir"], flag_values=values)
 
 
 class _QuietOrbax(std_logging.Filter):
@@ -37,17 +31,20 @@ class _QuietOrbax(std_logging.Filter):
         return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+def main(argv: Sequence[str] | None = None) -> dict:
+    values, rest = cli.parse(argv, define_flags, "python -m vgg_jax.main", __doc__)
+    if rest:
+        cli.fail(f"unexpected arguments {rest}: flags look like --workdir=DIR and --config.key=value.")
     logging.get_absl_handler().addFilter(_QuietOrbax())
-    config = FLAGS.config
-    initialize_distributed(config.distributed)
-    from vgg_jax import train  # after jax.distributed: importing TF / building meshes may touch devices
+    sharding.initialize_distributed(values.config.distributed)  # before anything touches the devices
+    from vgg_jax import train  # imports TensorFlow: after jax.distributed
+    from vgg_jax.data import pipeline
 
-    summary = train.train_and_evaluate(config, FLAGS.workdir)
+    pipeline.setup_tensorflow()
+    summary = train.train_and_evaluate(values.config, values.workdir)
     if jax.process_index() == 0:
         print(report(summary))
+    return summary
 
 
 def report(summary: dict) -> str:
@@ -57,4 +54,4 @@ def report(summary: dict) -> str:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

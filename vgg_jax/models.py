@@ -1,13 +1,6 @@
 """The VGG networks of Simonyan & Zisserman (ICLR 2015), Table 1, as Flax linen modules.
 
-Every configuration of the paper is here (A, A-LRN, B, C, D, E) plus the batch-norm variants that
-torchvision ships. Parameters use the community layer names (``conv1_1`` ... ``conv5_4``, ``fc6``,
-``fc7``, ``fc8``; ``bn1_1`` ... for batch norm) so weights map cleanly to Caffe, Keras and torchvision.
-
-The fully connected layers are stored as convolutions (``fc6`` is a ``crop/32 x crop/32`` conv,
-``fc7`` and ``fc8`` are 1x1 convs). With ``dense=False`` the network classifies a crop-size image;
-with ``dense=True`` the same parameters run fully convolutionally over a larger image and return the
-class score map of the paper's dense evaluation (Sect. 3.2).
+docs/models.md
 """
 
 from __future__ import annotations
@@ -32,6 +25,9 @@ STAGES: dict[str, Stages] = {
     "D": ((3, 3), (3, 3), (3, 3, 3), (3, 3, 3), (3, 3, 3)),
     "E": ((3, 3), (3, 3), (3, 3, 3, 3), (3, 3, 3, 3), (3, 3, 3, 3)),
 }
+
+# Five 2x2 max-pools: the step, in input pixels, of the pool5 map and of the dense score map.
+STRIDE = 32
 
 # AlexNet LRN parameters (Krizhevsky et al. 2012), used by A-LRN: k, n, alpha, beta.
 LRN_BIAS, LRN_SIZE, LRN_ALPHA, LRN_BETA = 2.0, 5, 1e-4, 0.75
@@ -62,8 +58,8 @@ def local_response_norm(
     torch divide it). Channels are the last axis; windows are clipped at the channel ends.
     """
     channels = np.arange(x.shape[-1])
-    # The window sums as one matmul with a 0/1 band matrix: a GEMM is far cheaper, forward and
-    # backward, than shifted slices on every backend (A-LRN trained 2.3x slower with slices on CPU).
+    # The window sums as one matmul with a 0/1 band matrix: a GEMM is cheaper, forward and backward,
+    # than shifted slices (docs/performance.md).
     band = jnp.asarray(np.abs(channels[:, None] - channels[None, :]) <= size // 2, jnp.float32)
     squared = jnp.square(x.astype(jnp.float32))
     window_sum = jnp.matmul(squared, band, precision=jax.lax.Precision.HIGHEST)
@@ -150,9 +146,9 @@ class VGG(nn.Module):
     @property
     def fc6_window(self) -> int:
         """Side of fc6's convolution window: the pool5 map of a crop-size image."""
-        if self.crop_size % 32:
-            raise ValueError(f"crop_size must be a multiple of 32 (five 2x2 pools), got {self.crop_size}.")
-        return self.crop_size // 32
+        if self.crop_size % STRIDE:
+            raise ValueError(f"crop_size must be a multiple of {STRIDE} (five 2x2 pools), got {self.crop_size}.")
+        return self.crop_size // STRIDE
 
     def block_features(self, block: int) -> int:
         """Channels of block ``block``'s convolutions (1-5): ``width`` doubling up to ``8 * width``."""
@@ -167,8 +163,13 @@ class VGG(nn.Module):
     def _layer(self, features: int, kernel_size: tuple[int, int], **kwargs: Any) -> nn.Conv:
         """A convolution (or FC layer stored as one) with the model's initialisation and dtypes."""
         return nn.Conv(
-            features, kernel_size, kernel_init=kernel_initializer(self.init_scheme, self.init_std),
-            bias_init=nn.initializers.zeros, dtype=self.dtype, param_dtype=self.param_dtype, **kwargs,
+            features,
+            kernel_size,
+            kernel_init=kernel_initializer(self.init_scheme, self.init_std),
+            bias_init=nn.initializers.zeros,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            **kwargs,
         )
 
     def _conv_block(self, x: jax.Array, block: int, train: bool) -> jax.Array:
@@ -180,8 +181,12 @@ class VGG(nn.Module):
             x = self._tap(f"conv{name}", checkpoint_name(x, "conv_output"))
             if self.batch_norm:
                 x = nn.BatchNorm(
-                    use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                    dtype=self.dtype, param_dtype=self.param_dtype, name=f"bn{name}",
+                    use_running_average=not train,
+                    momentum=0.9,
+                    epsilon=1e-5,
+                    dtype=self.dtype,
+                    param_dtype=self.param_dtype,
+                    name=f"bn{name}",
                 )(x)
             x = self._tap(f"relu{name}", nn.relu(x))
             if self.lrn and block == 1 and i == 1:
@@ -275,11 +280,11 @@ def get_model(name: str, *, num_classes: int = 1000, **overrides: Any) -> VGG:
     return MODELS[canonical_name(name)](num_classes=num_classes, **overrides)
 
 
-def from_config(model_cfg: Mapping[str, Any], *, num_classes: int, crop_size: int) -> VGG:
+def from_config(model_config: Mapping[str, Any], *, num_classes: int, crop_size: int) -> VGG:
     """The model a config's ``model`` section describes: its ``name`` and whichever ``VGG`` options it
     sets (a training run's config sets them all, a converted checkpoint's only its sizes)."""
-    options = {k: v for k, v in model_cfg.items() if k in OPTIONS and k not in ("num_classes", "crop_size")}
-    return get_model(model_cfg["name"], num_classes=num_classes, crop_size=crop_size, **options)
+    options = {k: v for k, v in model_config.items() if k in OPTIONS and k not in ("num_classes", "crop_size")}
+    return get_model(model_config["name"], num_classes=num_classes, crop_size=crop_size, **options)
 
 
 def init_variables(model: VGG, rng: jax.Array, batch_size: int = 1) -> dict[str, Any]:

@@ -1,14 +1,6 @@
-"""The optimizer (paper Sect. 3.1) and its learning-rate schedules.
+"""The optimizer (paper Sect. 3.1: SGD, momentum, L2 weight decay) and its learning-rate schedules.
 
-SGD with momentum 0.9 and weight decay 5e-4 applied as an L2 penalty: ``wd * w`` is added to the
-gradient before momentum, exactly Caffe's ``weight_decay`` (the loss gains ``wd/2 * |w|^2``). As in
-the Caffe prototxts of the VGG release (``decay_mult: 0`` on biases), only kernels are decayed by
-default; ``decay_biases=True`` decays biases and batch-norm scales/offsets too.
-
-Schedules: ``plateau`` is the paper's (lr divided by ``factor`` when validation accuracy stops
-improving, at most ``max_decreases`` times); it is decided on the host after each evaluation and
-written into the optimizer state, so it is saved with every checkpoint. ``step``, ``cosine`` and
-``constant`` are functions of the step.
+docs/training.md#optimizer-paper-sect-31
 """
 
 from __future__ import annotations
@@ -23,16 +15,16 @@ import ml_collections
 import optax
 
 
-def learning_rate_schedule(cfg: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule | float:
+def learning_rate_schedule(config: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule | float:
     """The step-wise part of the schedule (``plateau`` starts constant and is lowered on the host)."""
-    lr, kind = cfg.learning_rate, cfg.schedule
+    lr, kind = config.learning_rate, config.schedule
     if kind in ("plateau", "constant"):
         return lr
     if kind == "step":
-        boundaries = {int(b): cfg.decay_factor for b in cfg.step_boundaries}
+        boundaries = {int(b): config.decay_factor for b in config.step_boundaries}
         return optax.piecewise_constant_schedule(lr, boundaries)
     if kind == "cosine":
-        warmup = max(cfg.warmup_steps, 1)
+        warmup = max(config.warmup_steps, 1)
         return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(num_steps, warmup + 1))
     raise ValueError(f"Unknown schedule {kind!r}: use 'plateau', 'step', 'cosine' or 'constant'.")
 
@@ -41,18 +33,18 @@ def _decay_mask(params: Any, decay_biases: bool) -> Any:
     return jax.tree_util.tree_map_with_path(lambda path, _: decay_biases or path[-1].key == "kernel", params)
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
+def make_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
     """SGD + momentum + L2 weight decay, with the learning rate injected as a hyperparameter."""
 
     def sgd(learning_rate):
         return optax.chain(
-            optax.add_decayed_weights(cfg.weight_decay, mask=lambda p: _decay_mask(p, cfg.decay_biases)),
-            optax.sgd(learning_rate, momentum=cfg.momentum, nesterov=cfg.nesterov),
+            optax.add_decayed_weights(config.weight_decay, mask=lambda p: _decay_mask(p, config.decay_biases)),
+            optax.sgd(learning_rate, momentum=config.momentum, nesterov=config.nesterov),
         )
 
-    tx = optax.inject_hyperparams(sgd)(learning_rate=learning_rate_schedule(cfg, num_steps))
-    if cfg.trainable != ".*":
-        tx = freeze_others(tx, cfg.trainable)
+    tx = optax.inject_hyperparams(sgd)(learning_rate=learning_rate_schedule(config, num_steps))
+    if config.trainable != ".*":
+        tx = freeze_others(tx, config.trainable)
     return tx
 
 

@@ -1,20 +1,21 @@
-"""Where every array lives: the device mesh, the partition rules, batches as global arrays.
+"""Where every array lives: processes, the device mesh, the partition rules, batches as global arrays.
 
-The mesh has two axes: ``data`` (the batch is split over it; it spans every device of every
-host) and ``model`` (size 1 by default). With ``model > 1`` the large FC layers (fc6, fc7) are
-split over ``model`` along their output channels; everything else is replicated. This file is the
-one place that decides placements.
+docs/training.md#devices-and-hosts
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from absl import logging
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA, MODEL = "data", "model"
 
@@ -25,6 +26,33 @@ FC_RULES: tuple[tuple[str, P], ...] = (
     (r"(^|/)fc[67]/kernel$", P(None, None, None, MODEL)),
     (r"(^|/)fc[67]/bias$", P(MODEL)),
 )
+
+
+def default_distributed_config() -> ml_collections.ConfigDict:
+    """``config.distributed``: jax.distributed.initialize() before anything else when ``enabled``. With no
+    address it auto-detects Cloud TPU pods and SLURM; set all three for a manual cluster (or localhost)."""
+    config = ml_collections.ConfigDict()
+    config.enabled = False
+    config.coordinator_address = ""  # host:port of process 0
+    config.num_processes = 0
+    config.process_id = -1
+    return config
+
+
+def initialize_distributed(config: Any) -> None:
+    """``jax.distributed.initialize`` per ``config.distributed``: an explicit cluster (``coordinator_address``,
+    ``num_processes``, ``process_id``), or auto-detected (Cloud TPU pods, SLURM). Call before anything
+    touches the devices."""
+    if not config.enabled:
+        return
+    if config.coordinator_address:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # used only by CPU devices
+        jax.distributed.initialize(config.coordinator_address, config.num_processes, config.process_id)
+    else:
+        jax.distributed.initialize()
+    logging.info(
+        "Process %d of %d, %d local devices", jax.process_index(), jax.process_count(), jax.local_device_count()
+    )
 
 
 def make_mesh(model_axis: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -64,15 +92,41 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
-    """This process's share of a global batch; a clear error if it does not split evenly."""
-    data_devices = mesh.shape[DATA]
-    if global_batch_size % data_devices:
+def split_batch(
+    global_batch_size: int,
+    *,
+    num_processes: int,
+    num_devices: int | None = None,
+    accum_steps: int = 1,
+    name: str = "global_batch_size",
+) -> int:
+    """This process's share of a global batch; ValueError naming the fix when it does not split evenly.
+
+    The batch must split over the processes (each loads its share), over the data-parallel devices,
+    and, with gradient accumulation, into ``accum_steps`` micro-batches on every device.
+    """
+    parts = num_devices or num_processes
+    if global_batch_size <= 0 or global_batch_size % (parts * accum_steps) or global_batch_size % num_processes:
+        over = f"{parts} data-parallel devices" if num_devices else f"{num_processes} processes"
+        micro = f" x {accum_steps} gradient-accumulation steps" if accum_steps > 1 else ""
         raise ValueError(
-            f"Global batch {global_batch_size} is not divisible by the {data_devices} data-parallel "
-            "devices: pick a multiple."
+            f"{name}={global_batch_size} is not a positive multiple of the {over}{micro}: set "
+            f"--config.{name} to a multiple of {math.lcm(parts * accum_steps, num_processes)}."
         )
-    return global_batch_size // jax.process_count()
+    return global_batch_size // num_processes
+
+
+def log_batch(global_batch_size: int, mesh: Mesh, what: str = "batch") -> None:
+    """One log line: the global, per-host and per-device size of a batch."""
+    logging.info(
+        "%s: %d global = %d per host x %d hosts = %d per device x %d data-parallel devices",
+        what,
+        global_batch_size,
+        global_batch_size // jax.process_count(),
+        jax.process_count(),
+        global_batch_size // mesh.shape[DATA],
+        mesh.shape[DATA],
+    )
 
 
 def to_global(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

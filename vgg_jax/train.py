@@ -1,11 +1,11 @@
 """The training loop: data -> sharded train step -> evaluation, schedule, checkpoints, metrics.
 
-``train_and_evaluate(config, workdir)`` resumes automatically from the newest complete checkpoint
-in ``workdir``; a SIGTERM (preemption) saves a final checkpoint before it returns.
+docs/training.md
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import time
@@ -17,7 +17,9 @@ from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 from etils import epath
 
-from vgg_jax import checkpoints, data, evaluate, models, optim, sharding
+from vgg_jax import checkpoints, data, evaluate, models, optim, preprocessing, sharding
+from vgg_jax.data.config import load_stats
+from vgg_jax.errors import ConfigError
 from vgg_jax.train_step import TrainState, abstract_train_state, create_train_state, jit_train_step
 
 
@@ -45,23 +47,37 @@ def _initial_params(config: ml_collections.ConfigDict, fresh: Any, fresh_stats: 
     """Params from ``init_from`` / ``staged_init_from`` when configured, else the fresh ones."""
     params, stats = fresh, fresh_stats
     if config.staged_init_from:
-        trained_a = checkpoints.restore_variables(config.staged_init_from)
+        _, trained_a, _ = checkpoints.restore_model(config.staged_init_from)
         params, copied = models.staged_init(trained_a["params"], fresh)
         logging.info("Staged init from %s: copied %s", config.staged_init_from, copied)
     if config.init_from:
-        source = checkpoints.restore_variables(config.init_from)
+        _, source, meta = checkpoints.restore_model(config.init_from)
         src_params = source["params"]
         if config.reset_head:
             src_params = {**src_params, "fc8": fresh["fc8"]}
         checkpoints.check_compatible(fresh, src_params, config.init_from)
         params, stats = src_params, source["batch_stats"] or fresh_stats
+        _check_convention(config, meta)
         logging.info("Initialised from %s", config.init_from)
     return params, stats
 
 
-def create_state(config: ml_collections.ConfigDict, model: models.VGG, tx, mesh) -> tuple[TrainState, Any, Any]:
-    """A new train state placed on the mesh; returns (state, abstract placed state, shardings)."""
-    abstract, shardings = abstract_train_state(model, tx, mesh, config.mesh.model > 1)
+def _check_convention(config: ml_collections.ConfigDict, meta: dict[str, Any]) -> None:
+    """Warns when the run feeds init_from's weights other pixels than they were trained on."""
+    theirs = preprocessing.of_checkpoint(meta)
+    ours = preprocessing.InputConvention.from_data_config(config.data)
+    if theirs.data_fields() != ours.data_fields():
+        logging.warning(
+            "init_from %s was trained on inputs %s but this run normalises %s: set --config.data.mean_rgb, "
+            "std_rgb and resize to its values (configs/transfer.py does) unless the change is intended.",
+            config.init_from,
+            theirs.data_fields(),
+            ours.data_fields(),
+        )
+
+
+def create_state(config: ml_collections.ConfigDict, model: models.VGG, tx, shardings: Any) -> TrainState:
+    """A new train state placed by ``shardings`` (from init_from / staged_init_from when set)."""
     rng = jax.random.PRNGKey(config.seed)
     state = jax.jit(lambda r: create_train_state(model, tx, r), out_shardings=shardings)(rng)
     if config.init_from or config.staged_init_from:
@@ -73,71 +89,123 @@ def create_state(config: ml_collections.ConfigDict, model: models.VGG, tx, mesh)
         state = jax.jit(
             lambda r, p, s: create_train_state(model, tx, r, params=p).replace(batch_stats=s), out_shardings=shardings
         )(rng, params, stats)
-    return state, abstract, shardings
+    return state
+
+
+def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config made self-contained: ``data.stats_path``'s mean and PCA read into their fields once."""
+    config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy
+    if config.data.stats_path:
+        stats = load_stats(config.data.stats_path)
+        logging.info("Mean RGB and PCA from %s: %s", config.data.stats_path, stats)
+        config.data.update({k: tuple(map(tuple, v)) if k == "pca_eigvec" else tuple(v) for k, v in stats.items()})
+        config.data.stats_path = None
+    return config
+
+
+@dataclasses.dataclass
+class Start:
+    """Where a run starts: a fresh state, the newest checkpoint, or nothing to do (already finished)."""
+
+    state: TrainState | None
+    data_state: dict[str, Any] | None
+    meta: dict[str, Any] | None
+    finished: dict[str, Any] | None  # the results of a run already trained to num_train_steps
+
+
+def start_or_resume(
+    config, model, tx, abstract: TrainState, shardings: Any, ckpt: checkpoints.Checkpointer, results_path: epath.Path
+) -> Start:
+    """A fresh state, or the newest checkpoint's state, iterator position and schedule."""
+    latest = ckpt.latest_step()
+    if latest is None:
+        return Start(create_state(config, model, tx, shardings), None, None, None)
+    if latest >= config.num_train_steps and results_path.exists():
+        ckpt.check(latest, abstract)  # the same model?
+        logging.info("%s is already trained to step %d: nothing to do.", ckpt.directory, latest)
+        return Start(None, None, None, json.loads(results_path.read_text()))
+    state, data_state, meta = ckpt.restore(latest, abstract)
+    logging.info("Resumed from %s at step %d", ckpt.directory, latest)
+    return Start(state, data_state, meta, None)
+
+
+def plateau_update(state: TrainState, plateau: optim.Plateau, top1: float, step: int) -> TrainState:
+    """Paper Sect. 3.1: the learning rate divided by 10 when validation accuracy stops improving."""
+    if not plateau.update(top1):
+        return state
+    new_lr = float(optim.current_learning_rate(state.opt_state)) * plateau.factor
+    logging.info("Step %d: validation top-1 stopped improving; learning rate -> %g", step, new_lr)
+    return state.replace(opt_state=optim.set_learning_rate(state.opt_state, new_lr))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains per ``config``, evaluating and checkpointing into ``workdir``; returns the final summary."""
     if config.reset_head and not config.init_from:
-        raise ValueError("reset_head=True replaces fc8 of the init_from run's parameters: set --config.init_from.")
+        raise ConfigError("reset_head=True replaces fc8 of the init_from run's parameters: set --config.init_from.")
+    config = resolve(config)
     workdir = checkpoints.absolute(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = sharding.make_mesh(config.mesh.model)
-    sharding.local_batch_size(config.global_batch_size, mesh)
-    if config.global_batch_size % (config.grad_accum_steps * mesh.shape[sharding.DATA]):
-        raise ValueError(
-            f"global_batch_size {config.global_batch_size} must be divisible by grad_accum_steps "
-            f"{config.grad_accum_steps} x {mesh.shape[sharding.DATA]} data-parallel devices."
-        )
+    sharding.split_batch(
+        config.global_batch_size,
+        num_processes=jax.process_count(),
+        num_devices=mesh.shape[sharding.DATA],
+        accum_steps=config.grad_accum_steps,
+    )
+    sharding.log_batch(config.global_batch_size, mesh, "training batch")
     class_names = data.class_names(config.data)
     model = models.from_config(config.model, num_classes=len(class_names), crop_size=config.data.crop_size)
     tx = optim.make_optimizer(config.optimizer, config.num_train_steps)
     plateau = optim.Plateau(
-        factor=config.optimizer.decay_factor, patience=config.optimizer.patience,
-        min_delta=config.optimizer.min_delta, max_decreases=config.optimizer.max_decreases,
+        factor=config.optimizer.decay_factor,
+        patience=config.optimizer.patience,
+        min_delta=config.optimizer.min_delta,
+        max_decreases=config.optimizer.max_decreases,
     )
     ckpt = checkpoints.Checkpointer(
-        workdir / "checkpoints", keep=config.checkpoint.keep, keep_best=config.checkpoint.keep_best,
+        workdir / "checkpoints",
+        keep=config.checkpoint.keep,
+        keep_best=config.checkpoint.keep_best,
         async_save=config.checkpoint.async_save,
     )
-    latest = ckpt.latest_step()
     results_path = workdir / "results.json"
-    if latest is not None and latest >= config.num_train_steps and results_path.exists():
-        ckpt.check(latest, abstract_train_state(model, tx, mesh, config.mesh.model > 1)[0])  # same model?
-        logging.info("%s is already trained to step %d: nothing to do.", workdir, latest)
+    abstract, shardings = abstract_train_state(model, tx, mesh, config.mesh.model > 1)
+    start = start_or_resume(config, model, tx, abstract, shardings, ckpt, results_path)
+    if start.finished is not None:
         ckpt.close()
-        return json.loads(results_path.read_text())
-
+        return start.finished
+    state = start.state
     train_iter = data.create_train_iterator(config.data, global_batch_size=config.global_batch_size, seed=config.seed)
-    if latest is None:
-        state, abstract, shardings = create_state(config, model, tx, mesh)
-    else:
-        abstract, shardings = abstract_train_state(model, tx, mesh, config.mesh.model > 1)
-        state, data_state, meta = ckpt.restore(latest, abstract)
-        train_iter.set_state(data_state)
-        plateau.load(meta["plateau"])
-        logging.info("Resumed from %s at step %d", ckpt.directory, latest)
+    if start.data_state is not None:
+        train_iter.set_state(start.data_state)
+        plateau.load(start.meta["plateau"])
     start_step = int(state.step)
-    if start_step == 0:
-        parameter_overview.log_parameter_overview(state.params)
-
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     if start_step == 0:
+        parameter_overview.log_parameter_overview(state.params)
         writer.write_hparams(_flat_config(config))
     hooks: list[Any] = []
     if jax.process_index() == 0:
         hooks.append(periodic_actions.ReportProgress(num_train_steps=config.num_train_steps, writer=writer))
         if config.profile.start_step >= 0:
-            hooks.append(periodic_actions.Profile(
-                logdir=str(workdir), first_profile=config.profile.start_step, num_profile_steps=config.profile.num_steps
-            ))
+            hooks.append(
+                periodic_actions.Profile(
+                    logdir=str(workdir),
+                    first_profile=config.profile.start_step,
+                    num_profile_steps=config.profile.num_steps,
+                )
+            )
     step_fn = jit_train_step(shardings, sharding.batch_sharding(mesh), config.grad_accum_steps)
     preemption = PreemptionFlag()
 
     def run_eval(step: int) -> dict[str, float]:
         variables = {"params": state.params} | ({"batch_stats": state.batch_stats} if state.batch_stats else {})
         results = evaluate.evaluate(
-            state.apply_fn, variables, config.data, mesh, protocol=config.eval_protocol,
+            state.apply_fn,
+            variables,
+            config.data,
+            mesh,
+            protocol=config.eval_protocol,
             batch_size=config.eval_batch_size,
         )
         writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()})
@@ -145,7 +213,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     def save(step: int, top1: float | None) -> None:
         meta = {
-            "step": step, "plateau": plateau.state(), "config": json.loads(config.to_json_best_effort()),
+            "step": step,
+            "plateau": plateau.state(),
+            "config": json.loads(config.to_json_best_effort()),
             "class_names": class_names,
         }
         ckpt.save(step, state, train_iter.get_state(), meta, top1=top1)
@@ -173,12 +243,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             top1 = None
             if step % config.eval_every_steps == 0 or step == config.num_train_steps:
                 last_eval = run_eval(step)
-                scale = config.data.eval_scales[0]
-                top1 = 1.0 - last_eval[f"top1_error@{scale}"] / 100.0
-                if config.optimizer.schedule == "plateau" and plateau.update(top1):
-                    new_lr = float(optim.current_learning_rate(state.opt_state)) * plateau.factor
-                    state = state.replace(opt_state=optim.set_learning_rate(state.opt_state, new_lr))
-                    logging.info("Step %d: validation top-1 stopped improving; learning rate -> %g", step, new_lr)
+                top1 = 1.0 - last_eval[f"top1_error@{config.data.eval_scales[0]}"] / 100.0
+                if config.optimizer.schedule == "plateau":
+                    state = plateau_update(state, plateau, top1, step)
             if step % config.checkpoint.every_steps == 0 or step == config.num_train_steps or preempted:
                 _check_finite(*pending, ckpt.directory)
                 save(step, top1)

@@ -8,6 +8,7 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from clu import metrics
 from flax.training import train_state
@@ -53,13 +54,19 @@ def abstract_train_state(
     """The state's shapes placed on ``mesh`` (``ShapeDtypeStruct`` with shardings), and the shardings."""
     abstract = jax.eval_shape(lambda rng: create_train_state(model, tx, rng), jax.random.PRNGKey(0))
     shardings = sharding.state_shardings(mesh, abstract, shard_fc)
-    placed = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    placed = jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
     return placed, shardings
 
 
-def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
-    """1.0 where the label is among the k highest logits, per example."""
-    _, top = jax.lax.top_k(logits, k)
+def topk_correct(scores: jax.Array | np.ndarray, labels: jax.Array | np.ndarray, k: int) -> jax.Array | np.ndarray:
+    """1.0 where the label is among the k highest scores, per example; of equal scores the lower class
+    index ranks first. Numpy input (e.g. float64 posteriors averaged on the host) stays numpy."""
+    if isinstance(scores, np.ndarray):
+        top = np.argsort(-scores, axis=-1, kind="stable")[:, :k]
+        return (top == np.asarray(labels)[:, None]).any(axis=-1).astype(np.float32)
+    _, top = jax.lax.top_k(scores, k)
     return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
 
 
@@ -76,9 +83,7 @@ def _loss_and_grads(state: TrainState, params: Any, batch_stats: Any, images, la
     return loss, logits, new_stats, grads
 
 
-def train_step(
-    state: TrainState, batch: dict[str, jax.Array], accum_steps: int = 1
-) -> tuple[TrainState, TrainMetrics]:
+def train_step(state: TrainState, batch: dict[str, jax.Array], accum_steps: int = 1) -> tuple[TrainState, TrainMetrics]:
     """One SGD step on a global batch, the gradient averaged over ``accum_steps`` micro-batches.
 
     A step whose loss or gradient is not finite leaves the state unchanged; ``metrics.finite`` is
@@ -87,9 +92,7 @@ def train_step(
     rng = jax.random.fold_in(state.dropout_rng, state.step)
     images, labels = batch["image"], batch["label"]
     if accum_steps == 1:
-        loss, logits, new_stats, grads = _loss_and_grads(
-            state, state.params, state.batch_stats, images, labels, rng
-        )
+        loss, logits, new_stats, grads = _loss_and_grads(state, state.params, state.batch_stats, images, labels, rng)
     else:
         # Example i of micro-batch m is batch[i * accum + m]: each device keeps its own examples.
         def split(x):

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
-from vgg_jax import models
+from vgg_jax import cli, models
 
 
 def zoo_table(names: Iterable[str] = models.MODELS) -> str:
@@ -22,10 +22,19 @@ def zoo_table(names: Iterable[str] = models.MODELS) -> str:
         paper = letters[plain] + (" + BN" if model.batch_norm else "")
         layers = sum(len(block) for block in model.stages) + 3
         macs = models.forward_macs(model)
-        # Training is about 3x the forward cost, at 2 FLOP per MAC (REFERENCE.md).
+        # Training costs about 3 forward passes (forward, input and weight gradients), 2 FLOP per MAC.
         rows.append(f"| {name} | {paper} | {layers} | {params:,} | {macs / 1e9:.3f} | {6 * macs / 1e9:.1f} |")
     return "\n".join(rows)
 
 
+def main(argv: Sequence[str] | None = None) -> str:
+    values, rest = cli.parse(argv, lambda values, argv: None, "python -m vgg_jax.zoo", __doc__)
+    if rest:
+        cli.fail(f"unexpected arguments {rest}.")
+    table = zoo_table()
+    print(table)
+    return table
+
+
 if __name__ == "__main__":
-    print(zoo_table())
+    cli.run(main)

@@ -1,12 +1,6 @@
-"""The built-in demo dataset ``vgg_jax_demo``: ten texture classes, generated locally, no download.
+"""The built-in demo dataset ``vgg_jax_demo``: ten texture classes of ImageNet-like JPEGs, generated locally.
 
-Each class is a family of patterns (stripes, checkerboards, dots, rings, ...) drawn over the whole
-image, so every random crop, flip and colour shift still shows its class. Colours, periods, phases
-and tilts are random per image and shared by all classes, so only the structure tells classes
-apart; no class differs from another by a left-right mirror. Images are ImageNet-like JPEGs
-(shorter side 256..400, aspect 1..1.6, either orientation) so the full scale-jitter / crop / flip /
-PCA path runs. Generation is deterministic (a numpy generator seeded by split and index) and takes
-about 20 s on 2 cores; TFDS writes it as TFRecords like any other dataset.
+docs/data.md#datasets
 """
 
 from __future__ import annotations
@@ -63,9 +57,7 @@ def _diagonal(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, short: f
     return _stripes(rng.choice([-1, 1]) * rng.uniform(32, 58), rng, yy, xx, short)
 
 
-def _rotated(
-    rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, max_deg: float
-) -> tuple[np.ndarray, np.ndarray]:
+def _rotated(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, max_deg: float) -> tuple[np.ndarray, np.ndarray]:
     a = np.deg2rad(_tilt(rng, max_deg))
     return yy * np.cos(a) - xx * np.sin(a), yy * np.sin(a) + xx * np.cos(a)
 
@@ -125,7 +117,16 @@ def _speckle(rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, short: fl
 
 
 _PATTERNS: tuple[Pattern, ...] = (
-    _horizontal, _vertical, _diagonal, _checkerboard, _polka_dots, _rings, _grid_lines, _zigzag, _blobs, _speckle,
+    _horizontal,
+    _vertical,
+    _diagonal,
+    _checkerboard,
+    _polka_dots,
+    _rings,
+    _grid_lines,
+    _zigzag,
+    _blobs,
+    _speckle,
 )
 
 
@@ -156,8 +157,10 @@ def render(label: int, rng: np.random.Generator) -> np.ndarray:
     half = _PATTERNS[label](rng, yy, xx, short / 2).astype(np.float32)
     mask = np.asarray(Image.fromarray(half).resize((w, h), Image.BILINEAR))[..., None]
     fg, bg = _colours(rng)
-    ramp = np.add.outer(np.linspace(-0.5, 0.5, h, dtype=np.float32) * rng.uniform(-25, 25),
-                        np.linspace(-0.5, 0.5, w, dtype=np.float32) * rng.uniform(-25, 25))
+    ramp = np.add.outer(
+        np.linspace(-0.5, 0.5, h, dtype=np.float32) * rng.uniform(-25, 25),
+        np.linspace(-0.5, 0.5, w, dtype=np.float32) * rng.uniform(-25, 25),
+    )
     tile = _noise_tile()
     oy, ox = rng.integers(0, tile.shape[0] - h + 1), rng.integers(0, tile.shape[1] - w + 1)
     noise = tile[oy : oy + h, ox : ox + w]

@@ -1,22 +1,6 @@
 """Per-process tf.data input pipelines: an infinite, resumable train iterator and finite eval passes.
 
-Each process reads its own part of the split (``tfds.even_splits(split, process_count)``), straight
-from the TFRecord files that TFDS wrote, as "pieces" (file, skip, take) addressed by the examples'
-indices in the split. docs/data.md explains the design; in short:
-
-- Train order: per epoch, the process's examples are cut into chunks of ``shuffle_chunk``
-  consecutive records, the chunks are put in a random order fixed by (seed, epoch), and windows of
-  ``shuffle_buffer`` examples (whole chunks) are loaded as encoded bytes and permuted fully, also by
-  a stateless seed. Example position p of epoch e is thus a pure function of (seed, e, p), and the
-  iterator's state is just (epoch, position): a restore loads the one window holding it and drops
-  the encoded records before it; nothing is decoded twice and no shuffle buffer is saved.
-- Augmentation: ``train_view`` with a stateless seed folded from (seed, epoch, example index).
-- Bad images: each example is decoded inside its own one-element dataset whose errors are caught
-  (``ignore_errors``) and replaced by a flagged placeholder, so a corrupt file can neither end the
-  epoch nor shift a label. Train drops the flagged ones and reports them with the next batch; eval
-  keeps them as ``valid=False``. ``on_bad_image='fail'`` raises naming the example instead.
-- Eval: every example of a process once, in split order, padded with ``valid=False`` rows up to a
-  batch count that is the same on every process, so no example is dropped or counted twice.
+docs/data.md
 """
 
 from __future__ import annotations
@@ -33,32 +17,31 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from vgg_jax import models, sharding
 from vgg_jax.data import sources, transforms
+from vgg_jax.data.config import BAD_IMAGE_POLICIES, MULTICROP_GRID, VIEWS, TransformConfig
 from vgg_jax.data.sources import DatasetError, Source
+from vgg_jax.errors import UserError
 
 
-
-def _hide_gpus_from_tf() -> None:
-    """JAX owns the accelerators; tf.data needs only the CPU (a GPU build of TF would grab memory)."""
+def setup_tensorflow() -> None:
+    """Hides the accelerators from TensorFlow: JAX owns them, tf.data needs only the CPU (a GPU build of
+    TF would otherwise reserve their memory). Entry points call this once, before the first pipeline."""
     try:
         tf.config.set_visible_devices([], "GPU")
-    except RuntimeError:  # TF already initialised its devices (the caller used TF first): leave it
+        tf.config.set_visible_devices([], "TPU")
+    except (RuntimeError, ValueError):  # TF already initialised its devices, or has no such type
         pass
 
-
-_hide_gpus_from_tf()
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
-VIEWS = ("center", "dense", "multicrop")
-MULTICROP_GRID = 5  # the paper's 5x5 grid (x 2 flips) per scale
-_DENSE_ALIGN = 32  # dense canvases' long side is a multiple of the network's total stride
 _SEED_TAGS = {"chunks": 1, "window": 2, "augment": 3}
 _GUARD_GROUP = 8  # examples decoded per error-guarded group (see _guarded)
 
 
-class BadImageError(ValueError):
+class BadImageError(UserError):
     """An image could not be decoded and ``on_bad_image='fail'``."""
 
 
@@ -66,22 +49,22 @@ class BadImageError(ValueError):
 # Public API
 
 
-def num_classes(data_cfg: Any) -> int:
-    return len(sources.get_source(data_cfg).class_names)
+def num_classes(data_config: Any) -> int:
+    return len(sources.get_source(data_config).class_names)
 
 
-def class_names(data_cfg: Any) -> list[str]:
-    return sources.get_source(data_cfg).class_names
+def class_names(data_config: Any) -> list[str]:
+    return sources.get_source(data_config).class_names
 
 
-def num_examples(data_cfg: Any, split: str) -> int:
-    source = sources.get_source(data_cfg)
+def num_examples(data_config: Any, split: str) -> int:
+    source = sources.get_source(data_config)
     sources.check_split(source, split)
     return source.num_examples(split)
 
 
 def create_train_iterator(
-    data_cfg: Any,
+    data_config: Any,
     *,
     global_batch_size: int,
     seed: int,
@@ -93,26 +76,34 @@ def create_train_iterator(
     b = global_batch_size / process_count; 'index' is each example's position in the split.
     """
     process_index, process_count = _process(process_index, process_count)
-    batch = _per_process_batch(global_batch_size, process_count)
-    source = _source(data_cfg, data_cfg.train_split)
-    chunk, window = _shuffle_sizes(data_cfg)
-    shard = _Shard.build(source, data_cfg.train_split, process_index, process_count, chunk)
+    batch = sharding.split_batch(global_batch_size, num_processes=process_count)
+    source = _source(data_config, data_config.train_split)
+    chunk, window = _shuffle_sizes(data_config)
+    shard = _Shard.build(source, data_config.train_split, process_index, process_count, chunk)
     if shard.num_examples == 0:
         raise DatasetError(
-            f"{source.name} {data_cfg.train_split} has {source.num_examples(data_cfg.train_split)} examples, "
+            f"{source.name} {data_config.train_split} has {source.num_examples(data_config.train_split)} examples, "
             f"fewer than the {process_count} processes: process {process_index} would get none."
         )
     layout = dict(
-        dataset=source.name, split=data_cfg.train_split, seed=int(seed), process_index=process_index,
-        process_count=process_count, examples=shard.num_examples, shuffle_chunk=chunk, shuffle_buffer=window,
+        dataset=source.name,
+        split=data_config.train_split,
+        seed=int(seed),
+        process_index=process_index,
+        process_count=process_count,
+        examples=shard.num_examples,
+        shuffle_chunk=chunk,
+        shuffle_buffer=window,
     )
-    tcfg = transforms.TransformConfig.from_config(data_cfg)
-    make = functools.partial(_train_dataset, source, shard, data_cfg, tcfg, int(seed), batch, chunk, window)
-    return TrainIterator(make, layout, _Reporter(source, data_cfg))
+    transform_config = TransformConfig.from_config(data_config)
+    make = functools.partial(
+        _train_dataset, source, shard, data_config, transform_config, int(seed), batch, chunk, window
+    )
+    return TrainIterator(make, layout, _Reporter(source, data_config))
 
 
 def create_eval_iterator(
-    data_cfg: Any,
+    data_config: Any,
     *,
     view: str,
     scale: int,
@@ -120,7 +111,7 @@ def create_eval_iterator(
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> EvalIterable:
-    """Finite, re-iterable eval passes over ``data_cfg.eval_split`` at test scale ``scale`` (Q).
+    """Finite, re-iterable eval passes over ``data_config.eval_split`` at test scale ``scale`` (Q).
 
     Batches hold 'image', 'label', 'index' (-1 on padding) and 'valid' (False on padding and on
     undecodable images); every process yields the same number of batches. Views:
@@ -132,19 +123,19 @@ def create_eval_iterator(
     if view not in VIEWS:
         raise ValueError(f"unknown eval view {view!r}; use one of {VIEWS}.")
     process_index, process_count = _process(process_index, process_count)
-    batch = _per_process_batch(global_batch_size, process_count)
-    split = data_cfg.eval_split
-    source = _source(data_cfg, split)
-    tcfg = transforms.TransformConfig.from_config(data_cfg)
-    transforms.check_scale(scale, tcfg)
+    batch = sharding.split_batch(global_batch_size, num_processes=process_count)
+    split = data_config.eval_split
+    source = _source(data_config, split)
+    transform_config = TransformConfig.from_config(data_config)
+    transforms.check_scale(scale, transform_config)
     shards = [_Shard.build(source, split, p, process_count) for p in range(process_count)]
     build = _dense_passes if view == "dense" else _single_pass
-    passes = build(source, shards, process_index, data_cfg, tcfg, view, scale, batch)
+    passes = build(source, shards, process_index, data_config, transform_config, view, scale, batch)
     dataset = functools.reduce(lambda a, b: a.concatenate(b), [p.dataset for p in passes])
     pre_skipped = [k for p in passes for k in p.pre_skipped]
     total = source.num_examples(split)
     num_batches = sum(p.num_batches for p in passes)
-    return EvalIterable(dataset.prefetch(2), num_batches, total, pre_skipped, _Reporter(source, data_cfg))
+    return EvalIterable(dataset.prefetch(2), num_batches, total, pre_skipped, _Reporter(source, data_config))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -154,10 +145,10 @@ def create_eval_iterator(
 class _Reporter:
     """Turns flagged (undecodable) examples into warnings or a ``BadImageError``."""
 
-    def __init__(self, source: Source, data_cfg: Any):
-        if data_cfg.on_bad_image not in ("skip", "fail"):
-            raise ValueError(f"on_bad_image must be 'skip' or 'fail', got {data_cfg.on_bad_image!r}.")
-        self.fail = data_cfg.on_bad_image == "fail"
+    def __init__(self, source: Source, data_config: Any):
+        if data_config.on_bad_image not in BAD_IMAGE_POLICIES:
+            raise ValueError(f"on_bad_image must be 'skip' or 'fail', got {data_config.on_bad_image!r}.")
+        self.fail = data_config.on_bad_image == "fail"
         self.source = source
         self.count = 0
 
@@ -214,8 +205,13 @@ class TrainIterator:
         return self._reporter.count
 
     def get_state(self) -> dict[str, Any]:
-        return dict(version=STATE_VERSION, epoch=self._epoch, position=self._position,
-                    skipped=self._reporter.count, layout=dict(self._layout))
+        return dict(
+            version=STATE_VERSION,
+            epoch=self._epoch,
+            position=self._position,
+            skipped=self._reporter.count,
+            layout=dict(self._layout),
+        )
 
     def set_state(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
@@ -238,8 +234,9 @@ class TrainIterator:
 class EvalIterable:
     """One pass per ``iter()``: numpy batches; ``skipped`` lists the undecodable examples of the last pass."""
 
-    def __init__(self, dataset: tf.data.Dataset, num_batches: int, num_examples: int, pre_skipped: list[str],
-                 reporter: _Reporter):
+    def __init__(
+        self, dataset: tf.data.Dataset, num_batches: int, num_examples: int, pre_skipped: list[str], reporter: _Reporter
+    ):
         self._dataset = dataset
         self.num_batches = num_batches
         self.num_examples = num_examples  # in the whole split, over all processes
@@ -283,8 +280,7 @@ class _Shard:
     num_examples: int
 
     @classmethod
-    def build(cls, source: Source, split: str, process_index: int, process_count: int, chunk: int = 1 << 40
-              ) -> _Shard:
+    def build(cls, source: Source, split: str, process_index: int, process_count: int, chunk: int = 1 << 40) -> _Shard:
         infos = [source.builder.info.splits[s] for s in tfds.even_splits(split, process_count)]
         start = sum(i.num_examples for i in infos[:process_index])
         files: dict[str, int] = {}
@@ -310,8 +306,9 @@ class _Shard:
     def read(self, pieces: tf.Tensor | np.ndarray, parallel: int) -> tf.data.Dataset:
         """dict(serialized record, int64 index in the split) of the given pieces, deterministic order."""
         files = tf.constant(list(self.files), tf.string)  # typed: a process may have no examples
-        pf, ps, pt, p0 = (tf.constant(x, tf.int64) for x in (self.piece_file, self.piece_skip, self.piece_take,
-                                                              self.piece_start))
+        pf, ps, pt, p0 = (
+            tf.constant(x, tf.int64) for x in (self.piece_file, self.piece_skip, self.piece_take, self.piece_start)
+        )
 
         def read_piece(i: tf.Tensor) -> tf.data.Dataset:
             records = tf.data.TFRecordDataset(files[pf[i]]).skip(ps[i]).take(pt[i])
@@ -324,15 +321,20 @@ class _Shard:
 
 
 def _parser(source: Source) -> Callable[[tf.Tensor], dict[str, tf.Tensor]]:
-    spec = {source.image_key: tf.io.FixedLenFeature([], tf.string),
-            source.label_key: tf.io.FixedLenFeature([], tf.int64)}
+    spec = {
+        source.image_key: tf.io.FixedLenFeature([], tf.string),
+        source.label_key: tf.io.FixedLenFeature([], tf.int64),
+    }
     if source.file_name_key:
         spec[source.file_name_key] = tf.io.FixedLenFeature([], tf.string)
 
     def parse(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
         ex = tf.io.parse_single_example(serialized, spec)
-        return dict(image=ex[source.image_key], label=tf.cast(ex[source.label_key], tf.int32),
-                    file_name=ex[source.file_name_key] if source.file_name_key else tf.constant(""))
+        return dict(
+            image=ex[source.image_key],
+            label=tf.cast(ex[source.label_key], tf.int32),
+            file_name=ex[source.file_name_key] if source.file_name_key else tf.constant(""),
+        )
 
     return parse
 
@@ -343,8 +345,9 @@ def _key(source: Source, split: str, index: tf.Tensor, file_name: tf.Tensor) -> 
     return tf.cond(tf.strings.length(file_name) > 0, lambda: tf.strings.join([key, " (", file_name, ")"]), lambda: key)
 
 
-def _guarded(fn: Callable[[dict], dict], fallback: Callable[[dict], dict], parallel: int, group: int = _GUARD_GROUP
-             ) -> Callable[[tf.data.Dataset], tf.data.Dataset]:
+def _guarded(
+    fn: Callable[[dict], dict], fallback: Callable[[dict], dict], parallel: int, group: int = _GUARD_GROUP
+) -> Callable[[tf.data.Dataset], tf.data.Dataset]:
     """Map ``fn`` over a dataset in parallel; where it raises, emit ``fallback(element)`` instead.
 
     Groups of ``group`` consecutive elements run in their own small dataset whose errors
@@ -381,12 +384,22 @@ def _fold(seed: tf.Tensor, *data: tf.Tensor | int) -> tf.Tensor:
     return seed
 
 
-def _train_dataset(source: Source, shard: _Shard, data_cfg: Any, tcfg: transforms.TransformConfig, seed: int,
-                   batch: int, chunk: int, window: int, start_epoch: int, start_position: int) -> tf.data.Dataset:
+def _train_dataset(
+    source: Source,
+    shard: _Shard,
+    data_config: Any,
+    transform_config: TransformConfig,
+    seed: int,
+    batch: int,
+    chunk: int,
+    window: int,
+    start_epoch: int,
+    start_position: int,
+) -> tf.data.Dataset:
     """Batches from (start_epoch, start_position) on, with bookkeeping fields for the iterator."""
-    parallel = _parallel(data_cfg)
+    parallel = _parallel(data_config)
     parse = _parser(source)
-    split = data_cfg.train_split
+    split = data_config.train_split
     base = _fold(tf.constant([seed, 0], tf.int64), shard.start)  # shards differ per process
     window_chunks = window // chunk
     n_chunks = shard.num_chunks
@@ -396,7 +409,8 @@ def _train_dataset(source: Source, shard: _Shard, data_cfg: Any, tcfg: transform
 
     def epoch_elements(epoch: tf.Tensor) -> tf.data.Dataset:
         order = tf.random.experimental.stateless_shuffle(
-            tf.range(full, dtype=tf.int64), _fold(base, _SEED_TAGS["chunks"], epoch))
+            tf.range(full, dtype=tf.int64), _fold(base, _SEED_TAGS["chunks"], epoch)
+        )
         order = tf.concat([order, tf.range(full, n_chunks, dtype=tf.int64)], 0)
         resumed = epoch == start_epoch  # the first epoch starts at the saved position
         first = tf.where(resumed, tf.constant(start_position // window, tf.int64), 0)
@@ -407,10 +421,15 @@ def _train_dataset(source: Source, shard: _Shard, data_cfg: Any, tcfg: transform
             records = shard.read(pieces, parallel).batch(window).get_single_element()
             serialized, index = records["serialized"], records["index"]
             perm = tf.random.experimental.stateless_shuffle(
-                tf.range(tf.size(index)), _fold(base, _SEED_TAGS["window"], epoch, w))
+                tf.range(tf.size(index)), _fold(base, _SEED_TAGS["window"], epoch, w)
+            )
             n = tf.size(index, out_type=tf.int64)
-            return dict(serialized=tf.gather(serialized, perm), index=tf.gather(index, perm),
-                        epoch=tf.fill([n], epoch), position=w * window + tf.range(n))
+            return dict(
+                serialized=tf.gather(serialized, perm),
+                index=tf.gather(index, perm),
+                epoch=tf.fill([n], epoch),
+                position=w * window + tf.range(n),
+            )
 
         windows = tf.data.Dataset.range(first, n_windows).map(load_window).prefetch(1)
         return windows.flat_map(tf.data.Dataset.from_tensor_slices).skip(drop)
@@ -418,23 +437,42 @@ def _train_dataset(source: Source, shard: _Shard, data_cfg: Any, tcfg: transform
     def process(el: dict) -> dict:
         ex = parse(el["serialized"])
         seed = _fold(base, _SEED_TAGS["augment"], el["epoch"], el["index"])
-        image = transforms.train_view(ex["image"], seed, tcfg)
-        return dict(image=image, label=ex["label"], index=el["index"], epoch=el["epoch"], position=el["position"],
-                    ok=tf.constant(True), key=tf.constant(""))
+        image = transforms.train_view(ex["image"], seed, transform_config)
+        return dict(
+            image=image,
+            label=ex["label"],
+            index=el["index"],
+            epoch=el["epoch"],
+            position=el["position"],
+            ok=tf.constant(True),
+            key=tf.constant(""),
+        )
 
     def fallback(el: dict) -> dict:
         ex = parse(el["serialized"])
-        return dict(image=tf.zeros([tcfg.crop_size, tcfg.crop_size, 3]), label=ex["label"], index=el["index"],
-                    epoch=el["epoch"], position=el["position"], ok=tf.constant(False),
-                    key=_key(source, split, el["index"], ex["file_name"]))
+        return dict(
+            image=tf.zeros([transform_config.crop_size, transform_config.crop_size, 3]),
+            label=ex["label"],
+            index=el["index"],
+            epoch=el["epoch"],
+            position=el["position"],
+            ok=tf.constant(False),
+            key=_key(source, split, el["index"], ex["file_name"]),
+        )
 
     def carry_bad(state: tuple, el: dict) -> tuple:
         """Attach the keys of the flagged examples since the last good one to the next good one;
         a whole epoch's worth of flagged examples in a row stops the run instead of spinning."""
         keys, run = state
-        check = tf.debugging.Assert(run < shard.num_examples, [
-            f"no decodable image in {shard.num_examples} consecutive examples of {source.name} {split} "
-            "(this process's whole part of the split): the files are unreadable. Last ones:", keys], summarize=1)
+        check = tf.debugging.Assert(
+            run < shard.num_examples,
+            [
+                f"no decodable image in {shard.num_examples} consecutive examples of {source.name} {split} "
+                "(this process's whole part of the split): the files are unreadable. Last ones:",
+                keys,
+            ],
+            summarize=1,
+        )
         with tf.control_dependencies([check]):
             ok = tf.identity(el["ok"])
         out = dict(el, bad_keys=tf.where(ok, keys, ""))
@@ -445,7 +483,8 @@ def _train_dataset(source: Source, shard: _Shard, data_cfg: Any, tcfg: transform
     ds = ds.apply(_guarded(process, fallback, parallel))
     ds = ds.scan((tf.constant(""), tf.constant(0, tf.int64)), carry_bad).filter(lambda el: el["ok"])
     ds = ds.batch(batch, drop_remainder=True).map(
-        lambda b: dict({k: v for k, v in b.items() if k not in ("ok", "key")}, index=tf.cast(b["index"], tf.int32)))
+        lambda b: dict({k: v for k, v in b.items() if k not in ("ok", "key")}, index=tf.cast(b["index"], tf.int32))
+    )
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -462,13 +501,19 @@ class _Pass:
     pre_skipped: list[str]
 
 
-def _eval_elements(source: Source, shard: _Shard, data_cfg: Any, fn: Callable[[tf.Tensor], dict], dummy: DummyFn,
-                   keep: np.ndarray | None = None) -> tf.data.Dataset:
+def _eval_elements(
+    source: Source,
+    shard: _Shard,
+    data_config: Any,
+    fn: Callable[[tf.Tensor], dict],
+    dummy: DummyFn,
+    keep: np.ndarray | None = None,
+) -> tf.data.Dataset:
     """The shard's examples (those with ``keep[index - shard.start]``), each through ``fn`` guarded:
     dict(view fields, label, index, valid, key)."""
-    parallel = _parallel(data_cfg)
+    parallel = _parallel(data_config)
     parse = _parser(source)
-    split = data_cfg.eval_split
+    split = data_config.eval_split
     ds = shard.read(np.arange(len(shard.piece_file)), parallel)
     if keep is not None:
         table = tf.constant(keep)
@@ -476,37 +521,49 @@ def _eval_elements(source: Source, shard: _Shard, data_cfg: Any, fn: Callable[[t
 
     def process(el: dict) -> dict:
         ex = parse(el["serialized"])
-        return dict(fn(ex["image"]), label=ex["label"], index=tf.cast(el["index"], tf.int32), valid=tf.constant(True),
-                    key=tf.constant(""))
+        return dict(
+            fn(ex["image"]),
+            label=ex["label"],
+            index=tf.cast(el["index"], tf.int32),
+            valid=tf.constant(True),
+            key=tf.constant(""),
+        )
 
     def fallback(el: dict) -> dict:
         ex = parse(el["serialized"])
-        return dict(dummy(), label=ex["label"], index=tf.cast(el["index"], tf.int32), valid=tf.constant(False),
-                    key=_key(source, split, el["index"], ex["file_name"]))
+        return dict(
+            dummy(),
+            label=ex["label"],
+            index=tf.cast(el["index"], tf.int32),
+            valid=tf.constant(False),
+            key=_key(source, split, el["index"], ex["file_name"]),
+        )
 
     ds = ds.apply(_guarded(process, fallback, parallel))
-    return ds.cache() if data_cfg.cache_eval else ds
+    return ds.cache() if data_config.cache_eval else ds
 
 
 def _padded(ds: tf.data.Dataset, count: int, num_batches: int, batch: int, dummy: DummyFn) -> tf.data.Dataset:
     """Append invalid rows after ``count`` examples up to ``num_batches`` full batches."""
     pad = tf.data.Dataset.range(num_batches * batch - count).map(
-        lambda _: dict(dummy(), label=tf.constant(0), index=tf.constant(-1), valid=tf.constant(False),
-                       key=tf.constant("")))
+        lambda _: dict(
+            dummy(), label=tf.constant(0), index=tf.constant(-1), valid=tf.constant(False), key=tf.constant("")
+        )
+    )
     return ds.concatenate(pad).batch(batch)
 
 
-def _single_pass(source, shards, process_index, data_cfg, tcfg, view, scale, batch) -> list[_Pass]:
-    c = tcfg.crop_size
+def _single_pass(source, shards, process_index, data_config, transform_config, view, scale, batch) -> list[_Pass]:
+    c = transform_config.crop_size
     if view == "center":
-        fn = lambda img: dict(image=transforms.eval_center_view(img, scale, tcfg))  # noqa: E731
+        fn = lambda img: dict(image=transforms.eval_center_view(img, scale, transform_config))  # noqa: E731
         dummy = lambda: dict(image=tf.zeros([c, c, 3]))  # noqa: E731
     else:
-        fn = lambda img: dict(image=transforms.multicrop_views(img, scale, tcfg, MULTICROP_GRID))  # noqa: E731
+        fn = lambda img: dict(image=transforms.multicrop_views(img, scale, transform_config, MULTICROP_GRID))  # noqa: E731
         dummy = lambda: dict(image=tf.zeros([2 * MULTICROP_GRID**2, c, c, 3]))  # noqa: E731
     num_batches = -(-max(s.num_examples for s in shards) // batch)
     shard = shards[process_index]
-    ds = _eval_elements(source, shard, data_cfg, fn, dummy)
+    ds = _eval_elements(source, shard, data_config, fn, dummy)
     return [_Pass(_padded(ds, shard.num_examples, num_batches, batch, dummy), num_batches, [])]
 
 
@@ -517,7 +574,7 @@ def dense_canvases(scale: int, aspect_buckets: list[float]) -> list[tuple[int, i
     """
     if not aspect_buckets or min(aspect_buckets) < 1:
         raise ValueError(f"dense_aspect_buckets must be ratios >= 1 (long / short side), got {aspect_buckets}.")
-    longs = sorted({max(scale, math.ceil(r * scale / _DENSE_ALIGN) * _DENSE_ALIGN) for r in aspect_buckets})
+    longs = sorted({max(scale, math.ceil(r * scale / models.STRIDE) * models.STRIDE) for r in aspect_buckets})
     return [(scale, L) for L in longs] + [(L, scale) for L in longs if L > scale]
 
 
@@ -542,11 +599,11 @@ def dense_buckets(sizes: np.ndarray, scale: int, canvases: list[tuple[int, int]]
     return np.where(sizes.min(1) > 0, bucket, -1)
 
 
-def _dense_passes(source, shards, process_index, data_cfg, tcfg, view, scale, batch) -> list[_Pass]:
+def _dense_passes(source, shards, process_index, data_config, transform_config, view, scale, batch) -> list[_Pass]:
     """One padded pass per canvas (same canvases and batch counts on every process)."""
-    split = data_cfg.eval_split
-    canvases = dense_canvases(scale, list(data_cfg.dense_aspect_buckets))
-    sizes, unreadable_keys = image_sizes(source, split, _parallel(data_cfg))
+    split = data_config.eval_split
+    canvases = dense_canvases(scale, list(data_config.dense_aspect_buckets))
+    sizes, unreadable_keys = image_sizes(source, split, _parallel(data_config))
     bucket = dense_buckets(sizes, scale, canvases)
     shard = shards[process_index]
     mine = bucket[shard.start : shard.start + shard.num_examples]
@@ -559,7 +616,7 @@ def _dense_passes(source, shards, process_index, data_cfg, tcfg, view, scale, ba
             continue
 
         def fn(img: tf.Tensor, H: int = H, W: int = W) -> dict:
-            image = transforms.eval_full_view(img, scale, tcfg)
+            image = transforms.eval_full_view(img, scale, transform_config)
             full = tf.shape(image)
             h, w = tf.minimum(full[0], H), tf.minimum(full[1], W)
             image = tf.image.crop_to_bounding_box(image, (full[0] - h) // 2, (full[1] - w) // 2, h, w)
@@ -570,13 +627,13 @@ def _dense_passes(source, shards, process_index, data_cfg, tcfg, view, scale, ba
         def dummy(H: int = H, W: int = W) -> dict:
             return dict(image=tf.zeros([H, W, 3]), height=tf.constant(0), width=tf.constant(0))
 
-        ds = _eval_elements(source, shard, data_cfg, fn, dummy, keep=mine == k)
+        ds = _eval_elements(source, shard, data_config, fn, dummy, keep=mine == k)
         passes.append(_Pass(_padded(ds, counts[process_index], num_batches, batch, dummy), num_batches, []))
     passes[0].pre_skipped = unreadable
     return passes
 
 
-_SIZES: dict[tuple[str, str], tuple[np.ndarray, dict[int, str]]] = {}
+_IMAGE_SIZES: dict[tuple[str, str], tuple[np.ndarray, dict[int, str]]] = {}
 
 
 def image_sizes(source: Source, split: str, parallel: int) -> tuple[np.ndarray, dict[int, str]]:
@@ -587,8 +644,8 @@ def image_sizes(source: Source, split: str, parallel: int) -> tuple[np.ndarray, 
     communicating; a header scan reads the bytes but decodes no pixels (PNG: IHDR; JPEG: SOF).
     """
     cache_key = (str(source.builder.data_path), split)
-    if cache_key in _SIZES:
-        return _SIZES[cache_key]
+    if cache_key in _IMAGE_SIZES:
+        return _IMAGE_SIZES[cache_key]
     shard = _Shard.build(source, split, 0, 1)
     parse = _parser(source)
     png_magic = b"\x89PNG\r\n\x1a\n"
@@ -601,14 +658,21 @@ def image_sizes(source: Source, split: str, parallel: int) -> tuple[np.ndarray, 
             wh = ((b[0::4] * 256 + b[1::4]) * 256 + b[2::4]) * 256 + b[3::4]
             return tf.stack([wh[1], wh[0]])
 
-        hw = tf.case([(tf.io.is_jpeg(img), lambda: tf.image.extract_jpeg_shape(img)[:2]),
-                      (tf.strings.substr(img, 0, 8) == png_magic, png)],
-                     default=lambda: tf.shape(transforms.decode_rgb(img))[:2])
+        hw = tf.case(
+            [
+                (tf.io.is_jpeg(img), lambda: tf.image.extract_jpeg_shape(img)[:2]),
+                (tf.strings.substr(img, 0, 8) == png_magic, png),
+            ],
+            default=lambda: tf.shape(transforms.decode_rgb(img))[:2],
+        )
         return dict(hw=hw, index=el["index"], key=tf.constant(""))
 
     def unreadable(el: dict) -> dict:
-        return dict(hw=tf.constant([0, 0]), index=el["index"],
-                    key=_key(source, split, el["index"], parse(el["serialized"])["file_name"]))
+        return dict(
+            hw=tf.constant([0, 0]),
+            index=el["index"],
+            key=_key(source, split, el["index"], parse(el["serialized"])["file_name"]),
+        )
 
     ds = shard.read(np.arange(len(shard.piece_file)), parallel)
     ds = ds.apply(_guarded(header_hw, unreadable, parallel)).batch(4096)
@@ -616,7 +680,7 @@ def image_sizes(source: Source, split: str, parallel: int) -> tuple[np.ndarray, 
     for b in ds.as_numpy_iterator():
         sizes[b["index"]] = b["hw"]
         keys.update((int(i), k.decode()) for i, k in zip(b["index"], b["key"]) if k)
-    _SIZES[cache_key] = sizes, keys
+    _IMAGE_SIZES[cache_key] = sizes, keys
     return sizes, keys
 
 
@@ -632,17 +696,8 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
     return process_index, process_count
 
 
-def _per_process_batch(global_batch_size: int, process_count: int) -> int:
-    if global_batch_size <= 0 or global_batch_size % process_count:
-        raise ValueError(
-            f"global batch size {global_batch_size} is not a positive multiple of the {process_count} processes; "
-            f"pick a multiple of {process_count} (each process loads global_batch_size / process_count)."
-        )
-    return global_batch_size // process_count
-
-
-def _source(data_cfg: Any, split: str) -> Source:
-    source = sources.get_source(data_cfg)
+def _source(data_config: Any, split: str) -> Source:
+    source = sources.get_source(data_config)
     sources.check_split(source, split)
     if source.builder.info.file_format != tfds.core.FileFormat.TFRECORD:
         raise DatasetError(
@@ -652,8 +707,8 @@ def _source(data_cfg: Any, split: str) -> Source:
     return source
 
 
-def _shuffle_sizes(data_cfg: Any) -> tuple[int, int]:
-    chunk, window = int(data_cfg.shuffle_chunk), int(data_cfg.shuffle_buffer)
+def _shuffle_sizes(data_config: Any) -> tuple[int, int]:
+    chunk, window = int(data_config.shuffle_chunk), int(data_config.shuffle_buffer)
     if chunk <= 0 or window < chunk or window % chunk:
         raise ValueError(
             f"shuffle_buffer={window} must be a positive multiple of shuffle_chunk={chunk} "
@@ -662,5 +717,5 @@ def _shuffle_sizes(data_cfg: Any) -> tuple[int, int]:
     return chunk, window
 
 
-def _parallel(data_cfg: Any) -> int:
-    return data_cfg.num_parallel_calls or tf.data.AUTOTUNE
+def _parallel(data_config: Any) -> int:
+    return data_config.num_parallel_calls or tf.data.AUTOTUNE

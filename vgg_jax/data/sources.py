@@ -1,12 +1,6 @@
 """Dataset resolution: a data config -> a prepared TFDS builder and the names of its features.
 
-Every source ends up as TFRecords written by a real TFDS builder, so one pipeline reads them all:
-- ``imagenet2012``: TFDS's builder, prepared from ``manual_dir`` (the two ILSVRC2012 tars);
-- ``vgg_jax_demo``: the built-in demo set (``vgg_jax.data.demo``), generated on first use;
-- ``folder``: ``VggJaxFolder``, an image folder (``<folder>/<split>/<class>/<image>``) prepared once
-  into TFRecords; its builder config name carries a fingerprint of the file list;
-- any other name: a TFDS image-classification dataset, prepared by TFDS (``download=True``) or by
-  ``tfds build``.
+docs/data.md#datasets
 """
 
 from __future__ import annotations
@@ -24,13 +18,14 @@ from typing import Any
 import tensorflow_datasets as tfds
 
 from vgg_jax.data import demo
+from vgg_jax.errors import UserError
 
 IMAGENET_TARS = {"train": "ILSVRC2012_img_train.tar", "validation": "ILSVRC2012_img_val.tar"}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 _FOLDER_SPLITS = {"val": "validation"}  # folder name -> TFDS split name; others keep their name
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """A dataset is missing, unprepared or unusable; the message says what to do."""
 
 
@@ -69,13 +64,20 @@ class DataLocation:
     download: bool
 
 
-def get_source(data_cfg: Any) -> Source:
-    """The prepared source of ``data_cfg`` (prepares the demo, folder and ImageNet sets on first use).
+def get_source(data_config: Any) -> Source:
+    """The prepared source of ``data_config`` (prepares the demo, folder and ImageNet sets on first use).
 
     Cached per process and location: a folder changed while a process runs is seen by the next one.
     """
-    return _get_source(DataLocation(data_cfg.dataset, data_cfg.data_dir, data_cfg.manual_dir, data_cfg.folder,
-                                    bool(data_cfg.download)))
+    return _get_source(
+        DataLocation(
+            data_config.dataset,
+            data_config.data_dir,
+            data_config.manual_dir,
+            data_config.folder,
+            bool(data_config.download),
+        )
+    )
 
 
 @functools.lru_cache(maxsize=16)
@@ -90,7 +92,7 @@ def _get_source(loc: DataLocation) -> Source:
         builder = _imagenet_builder(loc)
     else:
         builder = _tfds_builder(loc)
-    return _describe(loc.dataset, builder)
+    return _source_of(loc.dataset, builder)
 
 
 def check_split(source: Source, split: str) -> None:
@@ -172,7 +174,7 @@ def _tfds_builder(loc: DataLocation) -> tfds.core.DatasetBuilder:
     return builder
 
 
-def _describe(name: str, builder: tfds.core.DatasetBuilder) -> Source:
+def _source_of(name: str, builder: tfds.core.DatasetBuilder) -> Source:
     """Find the image and label features (the supervised keys, else 'image'/'label')."""
     features = dict(builder.info.features.items())
     image_key, label_key = builder.info.supervised_keys or ("image", "label")

@@ -1,19 +1,10 @@
-"""``python -m vgg_jax.data.stats``: mean RGB and RGB PCA of a training split, as the paper did.
+"""``python -m vgg_jax.data.stats --data.dataset=... --out=stats.json``: mean RGB and RGB PCA of a training split.
 
-Writes a JSON that ``data.stats_path`` points to (``TransformConfig.from_config`` reads it)::
-
-    python -m vgg_jax.data.stats --dataset=imagenet2012 --data_dir=... --num_images=10000 --out=stats.json
-
-Every pixel of the sampled images counts once (images at their stored size). ``mean_rgb`` is on
-the 0..255 scale; ``pca_eigval`` are the eigen-values of the RGB covariance on the 0..1 scale,
-descending, and ``pca_eigvec`` has the matching unit eigen-vectors as columns (rows R, G, B),
-each signed so that its largest-magnitude entry is positive (the colour shift's alpha is
-symmetric, so the sign does not matter). Sums are float64.
+docs/data.md#dataset-statistics
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -21,8 +12,13 @@ from typing import Any
 
 import numpy as np
 import tensorflow as tf
+from absl import flags
+from ml_collections import config_flags
 
+from vgg_jax import cli
 from vgg_jax.data import transforms
+from vgg_jax.data.config import default_data_config
+from vgg_jax.errors import UserError
 
 
 def pixel_moments(encoded: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -44,7 +40,7 @@ def stats_from_moments(moments: Iterable[dict[str, Any]]) -> dict[str, Any]:
         outer += np.asarray(m["outer"], np.float64)
         images += 1
     if count == 0:
-        raise ValueError("no decodable images in the sample; check the dataset and split.")
+        raise UserError("no decodable images in the sample; check the dataset and split.")
     mean = total / count
     cov = outer / count - np.outer(mean, mean)
     eigval, eigvec = np.linalg.eigh(cov / 255.0**2)
@@ -61,14 +57,14 @@ def stats_from_moments(moments: Iterable[dict[str, Any]]) -> dict[str, Any]:
     )
 
 
-def compute_stats(data_cfg: Any, split: str, num_images: int, seed: int = 0) -> dict[str, Any]:
+def compute_stats(data_config: Any, split: str, num_images: int, seed: int = 0) -> dict[str, Any]:
     """Stats of ``num_images`` images of ``split``, read in a seeded random order of files
     (TFDS stores each split's examples in a hashed, i.e. random, order)."""
     import tensorflow_datasets as tfds
 
     from vgg_jax.data import sources
 
-    source = sources.get_source(data_cfg)
+    source = sources.get_source(data_config)
     sources.check_split(source, split)
     ds = source.builder.as_dataset(
         split,
@@ -79,34 +75,35 @@ def compute_stats(data_cfg: Any, split: str, num_images: int, seed: int = 0) -> 
     ds = ds.take(num_images).map(lambda ex: pixel_moments(ex[source.image_key]), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.ignore_errors(log_warning=True)  # corrupt images are skipped (and logged), not fatal
     stats = stats_from_moments(ds.as_numpy_iterator())
-    return dict(dataset=data_cfg.dataset, split=split, **stats)
+    return dict(dataset=data_config.dataset, split=split, **stats)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    from vgg_jax.data.config import default_data_config
+def define_flags(values: flags.FlagValues, argv: list[str]) -> None:
+    config_flags.DEFINE_config_dict(
+        "data",
+        default_data_config(),
+        "Which dataset: --data.dataset, --data.data_dir, --data.manual_dir, --data.folder (as in training).",
+        flag_values=values,
+        sys_argv=argv,
+    )
+    flags.DEFINE_string("split", "train", "The split to sample.", flag_values=values)
+    flags.DEFINE_integer("num_images", 10000, "Images sampled from the split.", lower_bound=1, flag_values=values)
+    flags.DEFINE_integer("seed", 0, "File order of the sample.", flag_values=values)
+    flags.DEFINE_string("out", None, "JSON path for --config.data.stats_path.", required=True, flag_values=values)
 
-    parser = argparse.ArgumentParser(prog="python -m vgg_jax.data.stats", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", required=True, help="as data.dataset: imagenet2012, folder, a TFDS name, ...")
-    parser.add_argument("--data_dir", default=None, help="TFDS data_dir")
-    parser.add_argument("--manual_dir", default=None, help="imagenet2012: folder with the ILSVRC2012 tars")
-    parser.add_argument("--folder", default=None, help="'folder' dataset: root with train/<class>/*")
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--num_images", type=int, default=10000, help="images sampled from the split")
-    parser.add_argument("--seed", type=int, default=0, help="file order of the sample")
-    parser.add_argument("--out", required=True, help="JSON path for data.stats_path")
-    args = parser.parse_args(argv)
-    if args.num_images <= 0:
-        parser.error(f"--num_images must be positive, got {args.num_images}")
-    data_cfg = default_data_config()
-    data_cfg.dataset, data_cfg.data_dir = args.dataset, args.data_dir
-    data_cfg.manual_dir, data_cfg.folder = args.manual_dir, args.folder
-    stats = compute_stats(data_cfg, args.split, args.num_images, args.seed)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    values, rest = cli.parse(argv, define_flags, "python -m vgg_jax.data.stats", __doc__)
+    if rest:
+        cli.fail(f"unexpected arguments {rest}: pick the dataset with --data.dataset=... and its location fields.")
+    stats = compute_stats(values.data, values.split, values.num_images, values.seed)
+    os.makedirs(os.path.dirname(os.path.abspath(values.out)), exist_ok=True)
+    with open(values.out, "w") as f:
         json.dump(stats, f, indent=2)
     print(json.dumps(stats, indent=2))
-    print(f"wrote {args.out}; use it with --config.data.stats_path={args.out}")
+    print(f"wrote {values.out}; use it with --config.data.stats_path={values.out}")
+    return stats
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

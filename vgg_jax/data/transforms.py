@@ -1,100 +1,18 @@
-"""Per-image transforms (paper Sect. 3.1 and 3.2) as pure TF functions for ``tf.data`` maps.
+"""Per-image transforms of the paper (Sect. 3.1 training view, Sect. 3.2 test views) as pure TF functions.
 
-Training view: isotropic rescale so the shorter side is S (fixed, or drawn uniformly per image
-from the integers in [scale_min, scale_max]), one random crop, random horizontal flip, AlexNet
-PCA lighting, mean subtraction. Only the source region that maps to the crop is decoded
-(``tf.image.decode_and_crop_jpeg``) and resampled, never the whole image at scale S.
-
-Resampling is bilinear with half-pixel centres, no antialiasing: exactly what
-``tf.image.resize(image, size, 'bilinear')`` computes, evaluated at the crop's pixels only
-(``tf.image.crop_and_resize`` on the decoded source window, a reversed box for the flip). On
-ImageNet photos (about 400x350) S in [256, 512] shrinks by under 1.5x, where bilinear barely
-aliases; antialiased resampling (``ScaleAndTranslate``) cost ~3x as much per crop here. All
-randomness is stateless: a seed fixes the view.
+docs/data.md#transforms
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import tensorflow as tf
 
-# libjpeg's accurate integer IDCT, as Pillow decodes. TF's default ('' = INTEGER_FAST) differs
-# from it by ~1 level on average (up to 5-8 on busy images) and was no faster here (bench.py).
+from vgg_jax.data.config import TransformConfig
+
+# libjpeg's accurate integer IDCT, as Pillow decodes (TF's default differs; docs/performance.md).
 DCT_METHOD = "INTEGER_ACCURATE"
-
-# ImageNet constants (REFERENCE.md): PCA on RGB in [0, 1] (fb.resnet.torch), Caffe mean RGB.
-IMAGENET_PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
-IMAGENET_PCA_EIGVEC = (
-    (-0.5675, 0.7192, 0.4009),
-    (-0.5808, -0.0045, -0.8140),
-    (-0.5836, -0.6948, 0.4203),
-)
-IMAGENET_MEAN_RGB = (123.68, 116.779, 103.939)
-
-
-@dataclasses.dataclass(frozen=True)
-class TransformConfig:
-    """Transform settings; mean/std on the 0..255 scale, PCA eigen-values on the 0..1 scale."""
-
-    crop_size: int = 224
-    scale_min: int = 256
-    scale_max: int = 512
-    flip: bool = True
-    mean_rgb: tuple[float, float, float] = IMAGENET_MEAN_RGB
-    std_rgb: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    pca_eigval: tuple[float, float, float] = IMAGENET_PCA_EIGVAL
-    pca_eigvec: tuple[tuple[float, float, float], ...] = IMAGENET_PCA_EIGVEC
-    pca_alpha_std: float = 0.1
-
-    def __post_init__(self) -> None:
-        # Normalise lists (e.g. from a ConfigDict or JSON) to hashable tuples.
-        object.__setattr__(self, "mean_rgb", tuple(float(v) for v in self.mean_rgb))
-        object.__setattr__(self, "std_rgb", tuple(float(v) for v in self.std_rgb))
-        object.__setattr__(self, "pca_eigval", tuple(float(v) for v in self.pca_eigval))
-        object.__setattr__(self, "pca_eigvec", tuple(tuple(float(v) for v in row) for row in self.pca_eigvec))
-        if not 0 < self.crop_size <= self.scale_min <= self.scale_max:
-            raise ValueError(
-                f"need 0 < crop_size <= scale_min <= scale_max, got crop_size={self.crop_size}, "
-                f"scale_min={self.scale_min}, scale_max={self.scale_max}: the shorter side S must "
-                "hold the crop; set scale_min >= crop_size (the paper: S >= 256 for 224 crops)."
-            )
-        if len(self.mean_rgb) != 3 or len(self.std_rgb) != 3 or min(self.std_rgb) <= 0:
-            raise ValueError(f"mean_rgb and std_rgb need 3 values, std > 0; got {self.mean_rgb}, {self.std_rgb}.")
-        if len(self.pca_eigval) != 3 or len(self.pca_eigvec) != 3 or any(len(r) != 3 for r in self.pca_eigvec):
-            raise ValueError(
-                "pca_eigval needs 3 values and pca_eigvec a 3x3 matrix (rows R, G, B; columns the "
-                f"eigen-vectors); got {self.pca_eigval} and {self.pca_eigvec}."
-            )
-        if self.pca_alpha_std < 0:
-            raise ValueError(f"pca_alpha_std must be >= 0 (0 turns the colour shift off), got {self.pca_alpha_std}.")
-
-    @classmethod
-    def from_config(cls, data_cfg: Any) -> TransformConfig:
-        """From the data ConfigDict; ``stats_path`` (JSON of the stats command) overrides mean and PCA."""
-        fields = {f.name: data_cfg[f.name] for f in dataclasses.fields(cls)}
-        if data_cfg.get("stats_path"):
-            fields.update(load_stats(data_cfg.stats_path))
-        return cls(**fields)
-
-
-def load_stats(path: str) -> dict[str, Any]:
-    """``mean_rgb``, ``pca_eigval`` and ``pca_eigvec`` from a JSON written by ``vgg_jax.data.stats``."""
-    try:
-        with tf.io.gfile.GFile(path) as f:
-            stats = json.load(f)
-    except (tf.errors.NotFoundError, FileNotFoundError) as e:
-        raise FileNotFoundError(
-            f"stats_path={path!r} does not exist; write it with `python -m vgg_jax.data.stats "
-            f"--dataset=... --out {path}` or unset stats_path to use the ImageNet constants."
-        ) from e
-    keys = ("mean_rgb", "pca_eigval", "pca_eigvec")
-    missing = [k for k in keys if k not in stats]
-    if missing:
-        raise ValueError(f"{path} lacks {missing}; regenerate it with `python -m vgg_jax.data.stats`.")
-    return {k: stats[k] for k in keys}
 
 
 def decode_rgb(encoded: tf.Tensor) -> tf.Tensor:
@@ -113,82 +31,97 @@ def _decode_other(encoded: tf.Tensor) -> tf.Tensor:
     return tf.io.decode_image(encoded, channels=3, dtype=tf.uint8, expand_animations=False)
 
 
-def shorter_side_size(hw: tf.Tensor, size: tf.Tensor | int) -> tf.Tensor:
-    """int32 [2]: the (height, width) an isotropic rescale to shorter side ``size`` gives."""
-    hw_f = tf.cast(hw, tf.float32)
+def shorter_side_size(hw: tf.Tensor, size: tf.Tensor | int, resize: str = "round") -> tf.Tensor:
+    """int32 [2]: the (height, width) an isotropic rescale to shorter side ``size`` gives.
+
+    ``resize='round'`` rounds the long side; ``'torchvision'`` truncates it as torchvision's Resize
+    does (``int(size * long / short)``, here in exact integer arithmetic).
+    """
     size = tf.cast(size, tf.int32)
+    if resize == "torchvision":
+        return size * hw // tf.reduce_min(hw)
+    hw_f = tf.cast(hw, tf.float32)
     out = tf.cast(tf.round(hw_f * (tf.cast(size, tf.float32) / tf.reduce_min(hw_f))), tf.int32)
     return tf.maximum(out, size)  # the shorter side is exactly `size` despite float rounding
 
 
-def pca_offset(alpha: tf.Tensor, cfg: TransformConfig) -> tf.Tensor:
+def center_offset(size: tf.Tensor, crop: int, resize: str = "round") -> tf.Tensor:
+    """int32: top-left of a centred ``crop`` in sides of ``size`` (torchvision's CenterCrop rounds,
+    half to even as Python's ``round``; otherwise the floor)."""
+    if resize == "torchvision":
+        return tf.cast(tf.round(tf.cast(size - crop, tf.float64) / 2.0), tf.int32)
+    return (size - crop) // 2
+
+
+def pca_offset(alpha: tf.Tensor, config: TransformConfig) -> tf.Tensor:
     """AlexNet lighting on 0..255 pixels: offset_i = 255 * sum_j eigvec[i][j] * alpha_j * eigval_j."""
-    eigvec = tf.constant(cfg.pca_eigvec, tf.float32)
-    eigval = tf.constant(cfg.pca_eigval, tf.float32) * 255.0
+    eigvec = tf.constant(config.pca_eigvec, tf.float32)
+    eigval = tf.constant(config.pca_eigval, tf.float32) * 255.0
     return tf.linalg.matvec(eigvec, alpha * eigval)
 
 
-def normalize(image: tf.Tensor, cfg: TransformConfig, offset: tf.Tensor | None = None) -> tf.Tensor:
+def normalize(image: tf.Tensor, config: TransformConfig, offset: tf.Tensor | None = None) -> tf.Tensor:
     """float32 ``(image + offset - mean_rgb) / std_rgb`` (offset: the PCA colour shift, or none)."""
-    shift = -tf.constant(cfg.mean_rgb, tf.float32)
+    shift = -tf.constant(config.mean_rgb, tf.float32)
     if offset is not None:
         shift += offset
     image = tf.cast(image, tf.float32)
-    # Broadcasting a [3] vector is slow on CPU (inner dimension 3); add whole [w * 3] rows instead.
+    # Adds whole [w * 3] rows: broadcasting a [3] vector is slow on CPU (inner dimension 3).
     shape = tf.shape(image)
     rows = tf.reshape(image, [-1, shape[-2] * 3]) + tf.tile(shift, shape[-2:-1])
-    if cfg.std_rgb != (1.0, 1.0, 1.0):  # the paper only subtracts the mean
-        rows *= tf.tile(tf.constant([1.0 / s for s in cfg.std_rgb], tf.float32), shape[-2:-1])
+    if config.std_rgb != (1.0, 1.0, 1.0):  # the paper only subtracts the mean
+        rows *= tf.tile(tf.constant([1.0 / s for s in config.std_rgb], tf.float32), shape[-2:-1])
     return tf.reshape(rows, shape)
 
 
-def sample_train_params(seed: tf.Tensor, hw: tf.Tensor, cfg: TransformConfig) -> dict[str, tf.Tensor]:
+def sample_train_params(seed: tf.Tensor, hw: tf.Tensor, config: TransformConfig) -> dict[str, tf.Tensor]:
     """The random choices of one training view of an image of size ``hw``, fixed by ``seed``.
 
     scale: S, uniform over the integers in [scale_min, scale_max]; size: the rescaled (h, w);
     offset: the crop's top-left corner in the rescaled image, uniform over all valid positions;
-    flip: horizontal flip with probability 1/2 (if cfg.flip); alpha: PCA weights ~ N(0, alpha_std).
+    flip: horizontal flip with probability 1/2 (if config.flip); alpha: PCA weights ~ N(0, alpha_std).
     """
     # One uniform draw for S, the two offsets and the flip (few ops: this runs per image).
     u = tf.random.stateless_uniform([4], seed)
-    scale = cfg.scale_min + tf.cast(u[0] * (cfg.scale_max - cfg.scale_min + 1), tf.int32)
-    size = shorter_side_size(hw, scale)
-    offset = tf.cast(u[1:3] * tf.cast(size - cfg.crop_size + 1, tf.float32), tf.int32)
-    flip = tf.logical_and(cfg.flip, u[3] < 0.5)
+    scale = config.scale_min + tf.cast(u[0] * (config.scale_max - config.scale_min + 1), tf.int32)
+    size = shorter_side_size(hw, scale, config.resize)
+    offset = tf.cast(u[1:3] * tf.cast(size - config.crop_size + 1, tf.float32), tf.int32)
+    flip = tf.logical_and(config.flip, u[3] < 0.5)
     alpha_seed = tf.random.experimental.stateless_fold_in(seed, 1)
-    alpha = tf.random.stateless_normal([3], alpha_seed) * cfg.pca_alpha_std
+    alpha = tf.random.stateless_normal([3], alpha_seed) * config.pca_alpha_std
     return dict(scale=scale, size=size, offset=offset, flip=flip, alpha=alpha)
 
 
-def train_view(encoded: tf.Tensor, seed: tf.Tensor, cfg: TransformConfig) -> tf.Tensor:
+def train_view(encoded: tf.Tensor, seed: tf.Tensor, config: TransformConfig) -> tf.Tensor:
     """Paper training view: float32 [crop, crop, 3], normalised, PCA-shifted, maybe flipped."""
     source = _probe(encoded)
-    params = sample_train_params(seed, source.hw, cfg)
-    crop = tf.constant([cfg.crop_size] * 2, tf.int32)
+    params = sample_train_params(seed, source.hw, config)
+    crop = tf.constant([config.crop_size] * 2, tf.int32)
     image = _resized_crop(source, params["size"], params["offset"], crop, params["flip"])
-    image = normalize(image, cfg, pca_offset(params["alpha"], cfg))
-    image.set_shape([cfg.crop_size, cfg.crop_size, 3])
+    image = normalize(image, config, pca_offset(params["alpha"], config))
+    image.set_shape([config.crop_size, config.crop_size, 3])
     return image
 
 
-def eval_center_view(encoded: tf.Tensor, scale: int, cfg: TransformConfig) -> tf.Tensor:
+def eval_center_view(encoded: tf.Tensor, scale: int, config: TransformConfig) -> tf.Tensor:
     """Centre crop_size crop of the image rescaled to shorter side ``scale``: float32 [crop, crop, 3]."""
-    check_scale(scale, cfg)
+    check_scale(scale, config)
     source = _probe(encoded)
-    size = shorter_side_size(source.hw, scale)
-    crop = tf.constant([cfg.crop_size] * 2, tf.int32)
-    image = _resized_crop(source, size, (size - crop) // 2, crop, tf.constant(False))
-    image = normalize(image, cfg)
-    image.set_shape([cfg.crop_size, cfg.crop_size, 3])
+    size = shorter_side_size(source.hw, scale, config.resize)
+    crop = tf.constant([config.crop_size] * 2, tf.int32)
+    offset = center_offset(size, config.crop_size, config.resize)
+    image = _resized_crop(source, size, offset, crop, tf.constant(False))
+    image = normalize(image, config)
+    image.set_shape([config.crop_size, config.crop_size, 3])
     return image
 
 
-def eval_full_view(encoded: tf.Tensor, scale: int, cfg: TransformConfig) -> tf.Tensor:
+def eval_full_view(encoded: tf.Tensor, scale: int, config: TransformConfig) -> tf.Tensor:
     """The whole image rescaled to shorter side ``scale`` (dense protocol): float32 [h, w, 3]."""
-    return normalize(_full_resized(encoded, scale), cfg)
+    return normalize(_full_resized(encoded, scale, config.resize), config)
 
 
-def multicrop_views(encoded: tf.Tensor, scale: int, cfg: TransformConfig, grid: int = 5) -> tf.Tensor:
+def multicrop_views(encoded: tf.Tensor, scale: int, config: TransformConfig, grid: int = 5) -> tf.Tensor:
     """The paper's multi-crop views: float32 [2 * grid * grid, crop, crop, 3].
 
     Crops of the image at shorter side ``scale`` on a regular grid whose first and last crops touch
@@ -196,11 +129,11 @@ def multicrop_views(encoded: tf.Tensor, scale: int, cfg: TransformConfig, grid: 
     columns alike). Views 0..grid*grid-1 are row-major (row k // grid, column k % grid); the next
     grid*grid are the same crops flipped horizontally, in the same order.
     """
-    check_scale(scale, cfg)
+    check_scale(scale, config)
     if grid < 2:
         raise ValueError(f"multicrop grid must be >= 2 (the paper uses 5), got {grid}.")
-    image = normalize(_full_resized(encoded, scale), cfg)
-    c = cfg.crop_size
+    image = normalize(_full_resized(encoded, scale, config.resize), config)
+    c = config.crop_size
     hw = tf.shape(image)[:2]
     k = tf.range(grid)
     corners = (k[None, :] * (hw[:, None] - c)) // (grid - 1)  # [2, grid]
@@ -211,29 +144,29 @@ def multicrop_views(encoded: tf.Tensor, scale: int, cfg: TransformConfig, grid: 
     return tf.concat([crops, tf.reverse(crops, [2])], axis=0)
 
 
-def check_scale(scale: int, cfg: TransformConfig) -> None:
+def check_scale(scale: int, config: TransformConfig) -> None:
     """A clear error for a test scale Q below the crop size."""
-    if scale < cfg.crop_size:
+    if scale < config.crop_size:
         raise ValueError(
-            f"test scale Q={scale} is smaller than crop_size={cfg.crop_size}; crops need Q >= crop_size "
+            f"test scale Q={scale} is smaller than crop_size={config.crop_size}; crops need Q >= crop_size "
             "(the paper's Q are 224..512 for 224 crops)."
         )
 
 
-def _full_resized(encoded: tf.Tensor, scale: int) -> tf.Tensor:
+def _full_resized(encoded: tf.Tensor, scale: int, resize: str) -> tf.Tensor:
     """float32 [h, w, 3]: the whole image at shorter side ``scale`` (bilinear, half-pixel centres)."""
     image = decode_rgb(encoded)
-    return tf.image.resize(image, shorter_side_size(tf.shape(image)[:2], scale), "bilinear")
+    return tf.image.resize(image, shorter_side_size(tf.shape(image)[:2], scale, resize), "bilinear")
 
 
-class _Source(NamedTuple):
+class _EncodedImage(NamedTuple):
     encoded: tf.Tensor  # the bytes
     is_jpeg: tf.Tensor  # bool
     full: tf.Tensor  # uint8 [h, w, 3] decoded image if not a JPEG, else empty
     hw: tf.Tensor  # int32 [2] (height, width)
 
 
-def _probe(encoded: tf.Tensor) -> _Source:
+def _probe(encoded: tf.Tensor) -> _EncodedImage:
     """The image size: from the header for a JPEG (no decode), else by decoding it whole."""
     is_jpeg = tf.io.is_jpeg(encoded)
     full, hw = tf.cond(
@@ -241,7 +174,7 @@ def _probe(encoded: tf.Tensor) -> _Source:
         lambda: (tf.zeros([0, 0, 3], tf.uint8), tf.image.extract_jpeg_shape(encoded)[:2]),
         lambda: _decode_with_size(encoded),
     )
-    return _Source(encoded, is_jpeg, full, hw)
+    return _EncodedImage(encoded, is_jpeg, full, hw)
 
 
 def _decode_with_size(encoded: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -249,10 +182,12 @@ def _decode_with_size(encoded: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     return image, tf.shape(image)[:2]
 
 
-def _resized_crop(source: _Source, size: tf.Tensor, offset: tf.Tensor, crop: tf.Tensor, flip: tf.Tensor) -> tf.Tensor:
+def _resized_crop(
+    source: _EncodedImage, size: tf.Tensor, offset: tf.Tensor, crop: tf.Tensor, flip: tf.Tensor
+) -> tf.Tensor:
     """float32 [crop_h, crop_w, 3]: the ``crop`` pixels at ``offset`` of the image resized to
     ``size`` (mirrored if ``flip``), decoding a JPEG on just the source window it needs."""
-    # Small conds only: one tf.cond around probing, sampling and decoding cost ~0.1 ms more per image.
+    # Small conds only: one tf.cond around probing, sampling and decoding is slower (docs/performance.md).
     start, extent, pad, box = _window_and_box(source.hw, size, offset, crop, flip)
     window = tf.cond(
         source.is_jpeg,

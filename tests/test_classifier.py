@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from vgg_jax import checkpoints, convert, evaluate, sharding
+from vgg_jax.classifier import load
 from vgg_jax.data import demo
-from vgg_jax.load import load
 
 from test_evaluate import jitted, softmax64
 
@@ -33,8 +33,9 @@ def test_restores_on_one_device_what_two_devices_trained(run, clf):
     assert clf.class_names == list(demo.CLASS_NAMES)
     # The restored parameters are the trained ones: the run's own last evaluation is reproduced.
     trained = json.loads((run / "results.json").read_text())
-    results = evaluate.evaluate(clf.apply_fn, clf.variables, clf.config.data, sharding.make_mesh(), protocol="center",
-                                batch_size=16)
+    results = evaluate.evaluate(
+        clf.apply_fn, clf.variables, clf.config.data, sharding.make_mesh(), protocol="center", batch_size=16
+    )
     assert results["images"] == trained["images"] == 40
     assert results["top1_error@36"] == pytest.approx(trained["top1_error@36"])
     assert results["top5_error@36"] == pytest.approx(trained["top5_error@36"])
@@ -88,34 +89,38 @@ def test_features_by_layer_name(clf):
         clf.features(images, layers=["conv9_9"])
 
 
-def test_converted_weights_preprocessing_bgr(run, clf, tmp_path):
-    """Weights converted from a BGR network with [0, 1] inputs: predict (and evaluation) feed
-    (x / 255 - mean) / std in BGR order. A one-colour image makes resizing exact."""
-    prep = {"channel_order": "BGR", "input_scale": 1.0, "mean": [0.4, 0.45, 0.5], "std": [0.2, 0.25, 0.3]}
+def test_converted_weights_preprocessing(run, clf, tmp_path):
+    """Weights converted with [0, 1] inputs and a mean/std: predict (and evaluation) feed
+    (x / 255 - mean) / std. A one-colour image makes resizing exact."""
+    prep = {"input_scale": 1.0, "mean": [0.4, 0.45, 0.5], "std": [0.2, 0.25, 0.3]}
     meta = dict(checkpoints.read_meta(run), preprocessing=prep)
     converted = checkpoints.save_variables(tmp_path / "converted", clf.variables, meta)
-    bgr = load(str(converted))
-    assert bgr.channel_order == "BGR"
-    np.testing.assert_allclose(bgr.config.data.mean_rgb, [127.5, 114.75, 102.0])
-    np.testing.assert_allclose(bgr.config.data.std_rgb, [76.5, 63.75, 51.0])
+    loaded = load(str(converted))
+    np.testing.assert_allclose(loaded.config.data.mean_rgb, [102.0, 114.75, 127.5])
+    np.testing.assert_allclose(loaded.config.data.std_rgb, [51.0, 63.75, 76.5])
     colour = np.array([200, 30, 90], np.uint8)
     image = np.broadcast_to(colour, (50, 70, 3)).copy()
-    x = (colour[::-1] / 255.0 - np.array(prep["mean"])) / np.array(prep["std"])  # what the BGR network sees
+    x = (colour / 255.0 - np.array(prep["mean"])) / np.array(prep["std"])  # what the network sees
     expected = softmax64(jitted(clf.model)(clf.variables, np.broadcast_to(x, (1, 32, 32, 3)).astype(np.float32)))
-    np.testing.assert_allclose(bgr.probabilities([image]), expected, rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(softmax64(bgr.features([image], ["fc8"])["fc8"]), expected, rtol=1e-5, atol=1e-7)
-    # The RGB model on the same colour sees other values: the test can tell the orders apart.
+    np.testing.assert_allclose(loaded.probabilities([image]), expected, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(softmax64(loaded.features([image], ["fc8"])["fc8"]), expected, rtol=1e-5, atol=1e-7)
+    # The run's own convention (mean subtraction on 0..255) sees other values: the test can tell them apart.
     assert not np.allclose(clf.probabilities([image]), expected, rtol=1e-3)
+    # Checkpoints take RGB: a BGR convention (no converter writes one) is refused, naming the fix.
+    bgr = dict(meta, preprocessing=dict(prep, channel_order="BGR"))
+    with pytest.raises(ValueError, match="take RGB .* Re-run the conversion"):
+        load(str(checkpoints.save_variables(tmp_path / "bgr", clf.variables, bgr)))
 
 
 def test_checkpoint_written_by_convert(clf, tmp_path):
     """vgg_jax.convert's meta (a partial config: model sizes, crop, mean/std; torchvision's [0, 1]
-    RGB preprocessing): the model is rebuilt and fed what torchvision feeds (convert.normalize)."""
+    RGB preprocessing): the model is rebuilt and fed what torchvision feeds."""
     meta = convert.checkpoint_meta("vgg11", clf.model, "torchvision", clf.class_names)
     loaded = load(str(checkpoints.save_variables(tmp_path / "tv", clf.variables, meta)))
-    assert loaded.model.width == 4 and loaded.crop_size == 32 and loaded.channel_order == "RGB"
+    assert loaded.model.width == 4 and loaded.crop_size == 32
     image = np.broadcast_to(np.array([10, 200, 120], np.uint8), (300, 200, 3)).copy()
-    x = convert.normalize(np.broadcast_to(image[:32, :32], (1, 32, 32, 3)).astype(np.float32), meta["preprocessing"])
+    x = (image[:32, :32] / 255.0 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]  # torchvision's Normalize
+    x = np.broadcast_to(x, (1, 32, 32, 3))
     expected = softmax64(jitted(clf.model)(clf.variables, np.asarray(x, np.float32)))
     np.testing.assert_allclose(loaded.probabilities([image]), expected, rtol=1e-5, atol=1e-7)
 
@@ -132,7 +137,22 @@ def test_bad_input_errors_name_the_fix(run, clf, tmp_path):
     bare = checkpoints.save_variables(tmp_path / "bare", clf.variables, {"class_names": clf.class_names})
     with pytest.raises(ValueError, match="has no model config"):
         load(str(bare))
-    bad = dict(checkpoints.read_meta(run), preprocessing={"channel_order": "RBG", "input_scale": 1, "mean": [0] * 3,
-                                                          "std": [1] * 3})
-    with pytest.raises(ValueError, match="channel_order \\('RGB' or 'BGR'\\)"):
+    bad = dict(checkpoints.read_meta(run), preprocessing={"input_scale": 1, "mean": [0] * 3})
+    with pytest.raises(ValueError, match="lacks \\['std'\\]. Re-run the conversion"):
         load(str(checkpoints.save_variables(tmp_path / "bad", clf.variables, bad)))
+
+
+def test_torchvision_weights_get_torchvision_geometry(clf, tmp_path):
+    """A torchvision conversion is fed Resize(S) + CenterCrop(crop) as torchvision computes them (the long
+    side truncated, the crop offset rounded): against Pillow's bilinear resize at those sizes."""
+    meta = convert.checkpoint_meta("vgg11", clf.model, "torchvision", clf.class_names)
+    meta["config"]["data"]["eval_scales"] = [36]
+    loaded = load(str(checkpoints.save_variables(tmp_path / "tv", clf.variables, meta)))
+    h, w = 37, 55  # Resize(36): long side int(36 * 55 / 37) = 53 (rounding would give 54)
+    image = smooth_image(7, h, w)
+    rh, rw = 36, 53
+    resized = np.asarray(Image.fromarray(image).resize((rw, rh), Image.BILINEAR), np.float32)
+    top, left = int(round((rh - 32) / 2.0)), int(round((rw - 32) / 2.0))  # torchvision's CenterCrop
+    crop = resized[top : top + 32, left : left + 32]
+    expected = (crop / 255.0 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
+    np.testing.assert_allclose(loaded.preprocess([image])[0], expected, atol=1.01 / 255 / 0.224)

@@ -1,25 +1,11 @@
 """Notebook API: ``vgg_jax.load(path)`` restores a trained (or converted) model for inference.
 
->>> clf = vgg_jax.load("workdirs/demo")            # a workdir, checkpoints dir, step dir or converted weights
->>> clf.predict(images, top_k=5)                   # uint8 images of any size: ids, names, probabilities
->>> clf.features(images, layers=["relu5_3", "fc7"])
-
-The model's own preprocessing is applied: shorter side rescaled to the first evaluation scale of
-its config (``data.eval_scales[0]``), centre crop of the crop size, ``(x - mean) / std``. Converted
-weights carry ``meta['preprocessing']`` ({channel_order, input_scale, mean, std} of the network
-they came from, e.g. Keras's BGR Caffe means or torchvision's [0, 1] mean/std); it is folded into
-the same 0..255 RGB mean/std plus a channel reversal for BGR networks, so evaluation
-(``vgg_jax.evaluate``) and ``predict`` apply it too. Restoring works on any device count: the
-arrays land on this process's first device whatever wrote them.
-
-Heavy modules (TensorFlow, orbax) are imported inside the functions that need them, so
-``import vgg_jax`` stays light.
+docs/evaluation.md#notebooks
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,7 +13,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from vgg_jax import models
+from vgg_jax import checkpoints, models, preprocessing
 
 ImageBatch = np.ndarray | Sequence[Any]  # [N, H, W, 3] uint8, or a list of [H, W(, C)] uint8 arrays / PIL images
 
@@ -41,29 +27,21 @@ class Predictions:
     probabilities: np.ndarray  # float32 [N, k]
 
 
-def _bgr_apply(model: models.VGG, variables: Any, x: Any, **kwargs: Any) -> Any:
-    """``model.apply`` of a network trained on BGR input, given RGB-ordered images."""
-    return model.apply(variables, x[..., ::-1], **kwargs)
-
-
 @dataclasses.dataclass(eq=False)  # identity hash: apply_fn is a static argument of jitted evaluators
 class Classifier:
     """A restored model: ``model`` (linen VGG), ``variables``, ``config`` (the run's full config,
-    with ``config.data`` holding the preprocessing), ``class_names``, ``channel_order``."""
+    with ``config.data`` holding its input convention), ``class_names``."""
 
     path: str
     model: models.VGG
     variables: dict[str, Any]
     config: ml_collections.ConfigDict
     class_names: list[str]
-    channel_order: str = "RGB"
     batch_size: int = 32  # images per forward pass in predict / features
     apply_fn: Any = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        # RGB images in, the order the first layer was trained on inside.
-        bgr = self.channel_order == "BGR"
-        self.apply_fn = functools.partial(_bgr_apply, self.model) if bgr else self.model.apply
+        self.apply_fn = self.model.apply
         self._probabilities = jax.jit(lambda v, x: jax.nn.softmax(self.apply_fn(v, x, train=False)))
         self._features: dict[tuple[str, ...], Any] = {}
 
@@ -76,24 +54,24 @@ class Classifier:
     def crop_size(self) -> int:
         return int(self.config.data.crop_size)
 
+    @property
+    def convention(self) -> preprocessing.InputConvention:
+        return preprocessing.InputConvention.from_data_config(self.config.data)
+
     def preprocess(self, images: ImageBatch) -> np.ndarray:
         """float32 [N, crop, crop, 3]: shorter side -> ``scale`` (bilinear, antialiased when
-        shrinking), centre crop, ``(x - mean_rgb) / std_rgb``; RGB order (``apply_fn`` reorders)."""
+        shrinking), centre crop, then the checkpoint's input convention."""
         import tensorflow as tf
 
-        from vgg_jax.data import transforms
-
-        tcfg = transforms.TransformConfig.from_config(self.config.data)
         if self.scale < self.crop_size:
             raise ValueError(f"data.eval_scales[0]={self.scale} < crop_size={self.crop_size}: no centre crop fits.")
-        out = np.empty((0, self.crop_size, self.crop_size, 3), np.float32)
-        crops = [out]
+        convention, crop = self.convention, self.crop_size
+        crops = [np.empty((0, crop, crop, 3), np.float32)]
         for image in as_images(images):
-            size = transforms.shorter_side_size(tf.shape(image)[:2], self.scale)
-            resized = tf.image.resize(image, size, "bilinear", antialias=True)
-            top, left = (int(v) for v in (size - self.crop_size) // 2)
-            crop = resized[top : top + self.crop_size, left : left + self.crop_size]
-            crops.append(transforms.normalize(crop, tcfg).numpy()[None])
+            h, w = convention.resized_size(*image.shape[:2], self.scale)
+            resized = tf.image.resize(image, (h, w), "bilinear", antialias=True).numpy()
+            top, left = convention.crop_offset(h, crop), convention.crop_offset(w, crop)
+            crops.append(convention.normalize(resized[None, top : top + crop, left : left + crop]).astype(np.float32))
         return np.concatenate(crops)
 
     def _batched(self, fn: Any, x: np.ndarray) -> list[Any]:
@@ -126,12 +104,8 @@ class Classifier:
         ``fc7``, ...; see ``models.extract_features``): numpy arrays [N, ...]."""
         layers = tuple(layers)
         if layers not in self._features:
-            model, bgr = self.model, self.channel_order == "BGR"
-
-            def extract(variables: Any, x: Any) -> dict[str, Any]:
-                return models.extract_features(model, variables, x[..., ::-1] if bgr else x, layers, dense=False)
-
-            self._features[layers] = jax.jit(extract)
+            model = self.model
+            self._features[layers] = jax.jit(lambda v, x: models.extract_features(model, v, x, layers, dense=False))
         parts = self._batched(self._features[layers], self.preprocess(images))
         if not parts:
             raise ValueError("No images given.")
@@ -162,56 +136,20 @@ def as_images(images: ImageBatch) -> list[np.ndarray]:
     return out
 
 
-def fold_preprocessing(data_cfg: ml_collections.ConfigDict, preprocessing: dict[str, Any]) -> str:
-    """Sets ``mean_rgb``/``std_rgb`` (0..255 RGB) of ``data_cfg`` from a converted network's
-    preprocessing (``convert.data_normalization``); returns its channel order."""
-    from vgg_jax.convert import data_normalization
-
-    missing = [k for k in ("channel_order", "input_scale", "mean", "std") if k not in preprocessing]
-    if missing or preprocessing["channel_order"] not in ("RGB", "BGR"):
-        raise ValueError(
-            f"meta['preprocessing'] = {preprocessing} needs channel_order ('RGB' or 'BGR'), input_scale, mean "
-            f"and std; missing or wrong: {missing or ['channel_order']}. Re-run the conversion."
-        )
-    mean, std = data_normalization(preprocessing)
-    data_cfg.mean_rgb, data_cfg.std_rgb = list(mean), list(std)
-    return preprocessing["channel_order"]
-
-
-def restore_model(path: str) -> tuple[models.VGG, dict[str, Any], dict[str, Any]]:
-    """``(model, variables, meta)`` of the newest checkpoint under ``path`` (a training workdir, its
-    checkpoints dir, a step dir, or converted weights): the model its meta config describes, with
-    fc8's class count, checked against the stored parameters."""
-    from vgg_jax import checkpoints
-
-    meta = checkpoints.read_meta(path)
-    if "model" not in meta.get("config", {}):
-        raise ValueError(
-            f"{checkpoints.find_checkpoint(path)} has no model config in its meta item: it was not written by "
-            "vgg_jax.main or vgg_jax.convert, so the model cannot be rebuilt."
-        )
-    variables = checkpoints.restore_variables(path)
-    num_classes = int(variables["params"]["fc8"]["bias"].shape[0])
-    crop_size = meta["config"].get("data", {}).get("crop_size", models.VGG.crop_size)
-    model = models.from_config(meta["config"]["model"], num_classes=num_classes, crop_size=crop_size)
-    checkpoints.check_compatible(models.variable_shapes(model)["params"], variables["params"], str(path))
-    return model, variables, meta
-
-
 def load(path: str, batch_size: int = 32) -> Classifier:
     """Restores the newest checkpoint under ``path`` (a training workdir, its checkpoints dir, a
-    step dir, or converted weights) with its config, class names and preprocessing."""
-    from vgg_jax import data
+    step dir, or converted weights) with its config, class names and input convention."""
+    from vgg_jax.data.config import default_data_config
 
-    model, variables, meta = restore_model(path)
-    data_cfg = data.default_data_config()  # defaults for the fields the checkpoint does not set
-    data_cfg.update(meta["config"].get("data", {}))
+    model, variables, meta = checkpoints.restore_model(path)
+    data_config = default_data_config()  # defaults for the fields the checkpoint does not set
+    data_config.update(meta["config"].get("data", {}))
+    data_config.update(preprocessing.of_checkpoint(meta).data_fields())
     config = ml_collections.ConfigDict({k: v for k, v in meta["config"].items() if k != "data"})
-    config.data = data_cfg
-    channel_order = fold_preprocessing(data_cfg, meta["preprocessing"]) if meta.get("preprocessing") else "RGB"
+    config.data = data_config
     class_names = list(meta.get("class_names") or [str(i) for i in range(model.num_classes)])
     if len(class_names) != model.num_classes:
         raise ValueError(f"{path}: {len(class_names)} class names for {model.num_classes} outputs of fc8.")
     if not variables.get("batch_stats"):
         variables = {"params": variables["params"]}
-    return Classifier(str(path), model, variables, config, class_names, channel_order, batch_size)
+    return Classifier(str(path), model, variables, config, class_names, batch_size)

@@ -1,0 +1,100 @@
+"""One command-line style for every entry point: absl flags, ml-collections overrides, one-line user errors.
+
+docs/training.md#command-line
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from absl import flags, logging
+
+from vgg_jax.errors import UserError
+
+# Exceptions that mean bad input: ours, and the OS's for a missing or unreadable file.
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, FileNotFoundError, PermissionError, IsADirectoryError)
+_HELP = ("-h", "--help", "--helpshort", "--helpfull", "-?")
+
+DefineFlags = Callable[[flags.FlagValues, list[str]], None]
+
+
+def fail(message: str) -> NoReturn:
+    """Prints ``error: <message>`` as one line on stderr and exits with status 2."""
+    print("error: " + " ".join(str(message).split()), file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def _unknown_field(error: BaseException, argv: Sequence[str]) -> str | None:
+    """'--config.model.widht: no such config field; did you mean --config.model.width?'."""
+    text = str(error).replace("\\n", "\n").replace("\\'", "'")
+    found = re.search(r"'([^'\n]+)'", text)
+    if not found:
+        return None
+    key = found.group(1)
+    for arg in argv:
+        name = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
+        parts = name.split(".")
+        if key in parts[1:]:
+            path = ".".join(parts[: parts.index(key, 1)])
+            fix = re.search(r'Did you mean "([^"]+)"', text)
+            hint = (
+                f"did you mean --{path}.{fix.group(1)}?"
+                if fix
+                else f"run with --helpfull to see the fields of --{path}."
+            )
+            return f"--{name}: no such config field; {hint}"
+    return None
+
+
+def parse(
+    argv: Sequence[str] | None, define: DefineFlags, prog: str, doc: str = ""
+) -> tuple[flags.FlagValues, list[str]]:
+    """Parses ``argv`` (without the program name; default ``sys.argv[1:]``) with the flags ``define``
+    puts on a fresh ``FlagValues``; returns them and the positional arguments.
+
+    Help (``--help``, ``--helpfull``) prints and exits 0; a bad flag value or a misspelt config field
+    prints one line and exits 2. Each call has its own flags, so commands can run in one process.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    full = [prog, *args]
+    values = flags.FlagValues()
+    flags.DEFINE_bool(
+        "verbose", False, "Show the traceback of user errors (or set VGG_JAX_VERBOSE=1).", flag_values=values
+    )
+    define(values, full)
+    if any(a in _HELP for a in args):
+        print(f"{doc.strip()}\n\nflags:\n{values.get_help()}" if doc else values.get_help())
+        sys.exit(0)
+    try:
+        rest = values(full)
+    except flags.Error as e:
+        fail(f"{e}. Run with --helpfull to see the flags.")
+    except (AttributeError, KeyError) as e:  # ml_collections: an override of a field the config lacks
+        message = _unknown_field(e, full)
+        if message is None:
+            raise
+        fail(message)
+    return values, rest[1:]
+
+
+def verbose(argv: Sequence[str]) -> bool:
+    return bool(os.environ.get("VGG_JAX_VERBOSE")) or "--verbose" in argv or "--verbose=true" in argv
+
+
+def run(main: Callable[[list[str]], Any]) -> None:
+    """The ``__main__`` of an entry point: absl logging at INFO, then ``main(sys.argv[1:])``. A user
+    error ends the program with one line and status 2 (the traceback with ``--verbose``); other
+    exceptions keep their traceback."""
+    logging.use_absl_handler()
+    logging.set_verbosity(logging.INFO)
+    argv = sys.argv[1:]
+    try:
+        main(argv)
+    except USER_ERRORS as e:
+        if verbose(argv):
+            raise
+        fail(str(e) if not isinstance(e, OSError) or not e.filename else f"{e.strerror}: {e.filename}")
