@@ -68,6 +68,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.staged_init_from = ""
     # With init_from: replace fc8 by a fresh layer when the class count differs (transfer learning).
     config.reset_head = False
+    # Resuming checks this config against the checkpoint's: fields that change what is trained (model,
+    # data transform, momentum, weight decay, seed, batch, ...) are refused unless listed here,
+    # comma-separated (e.g. 'optimizer.momentum,model.dropout_rate'); docs/training.md#resuming.
+    config.allow_resume_changes = ""
 
     # Evaluation during training: the cheap protocol, at data.eval_scales.
     config.eval_protocol = "center"

@@ -16,6 +16,8 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
+from vgg_jax import cli
+
 REPO = Path(__file__).resolve().parents[1]
 NETS = ("A", "A-LRN", "B", "C", "D", "E")
 SCALES = ("256", "384", "256-512")  # the paper's training scales, in the order of its chain
@@ -150,7 +152,7 @@ def check_overrides(overrides: Sequence[str], where: str) -> None:
 
 
 def check_protocol(protocol: str, where: str) -> None:
-    from vgg_jax.evaluate import parse_protocol  # noqa: PLC0415  (imports TensorFlow: only when needed)
+    from vgg_jax.config_checks import parse_protocol
 
     try:
         parse_protocol(protocol)
@@ -169,7 +171,7 @@ def resolve_config(config: str, overrides: Sequence[str] = ()) -> ml_collections
     file = Path(path) if Path(path).is_absolute() else REPO / path
     if not file.is_file():
         raise ValueError(f"Config file {path!r} not found (paths are relative to the repository, {REPO}).")
-    argv = ["launch", f"--config={file}{sep}{arg}", *overrides]
+    argv = cli.last_override_wins(["launch", f"--config={file}{sep}{arg}", *overrides])
     values = flags.FlagValues()
     config_flags.DEFINE_config_file("config", None, flag_values=values, lock_config=True, sys_argv=argv)
     try:

@@ -73,9 +73,11 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_ilsvrc(manual_dir: str, train: dict[str, list[tuple[str, bytes]]], val: list[bytes]) -> None:
+def write_ilsvrc(
+    manual_dir: str, train: dict[str, list[tuple[str, bytes]]], val: list[bytes] | dict[str, bytes]
+) -> None:
     """Write ILSVRC2012_img_train.tar ({synset: [(file name, bytes)]}) and ILSVRC2012_img_val.tar
-    (image i is ILSVRC2012_val_<i + 1>.JPEG)."""
+    (a list: image i is ILSVRC2012_val_<i + 1>.JPEG; a dict: {file name: bytes})."""
     os.makedirs(manual_dir, exist_ok=True)
     with tarfile.open(os.path.join(manual_dir, "ILSVRC2012_img_train.tar"), "w") as outer:
         for synset, files in train.items():
@@ -84,9 +86,11 @@ def write_ilsvrc(manual_dir: str, train: dict[str, list[tuple[str, bytes]]], val
                 for name, data in files:
                     _add(t, name, data)
             _add(outer, f"{synset}.tar", inner.getvalue())
+    if not isinstance(val, dict):
+        val = {f"ILSVRC2012_val_{i + 1:08d}.JPEG": data for i, data in enumerate(val)}
     with tarfile.open(os.path.join(manual_dir, "ILSVRC2012_img_val.tar"), "w") as t:
-        for i, data in enumerate(val):
-            _add(t, f"ILSVRC2012_val_{i + 1:08d}.JPEG", data)
+        for name, data in val.items():
+            _add(t, name, data)
 
 
 def write_folder(root: str, splits: dict[str, dict[str, list[tuple[str, bytes]]]]) -> None:

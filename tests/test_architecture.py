@@ -23,6 +23,7 @@ LAYERS = {
     "vgg_jax.data.demo": 1,
     "vgg_jax.train_step": 2,
     "vgg_jax.checkpoints": 2,
+    "vgg_jax.config_checks": 2,
     "vgg_jax.losses": 2,
     "vgg_jax.data.sources": 2,
     "vgg_jax.data.transforms": 2,

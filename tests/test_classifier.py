@@ -13,6 +13,7 @@ from PIL import Image
 from vgg_jax import checkpoints, convert, evaluate, sharding
 from vgg_jax.classifier import load
 from vgg_jax.data import demo
+from vgg_jax.errors import UserError
 
 from test_evaluate import jitted, softmax64
 
@@ -156,3 +157,33 @@ def test_torchvision_weights_get_torchvision_geometry(clf, tmp_path):
     crop = resized[top : top + 32, left : left + 32]
     expected = (crop / 255.0 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
     np.testing.assert_allclose(loaded.preprocess([image])[0], expected, atol=1.01 / 255 / 0.224)
+
+
+def test_predict_takes_pil_images_of_any_mode_and_image_files(clf, tmp_path):
+    """PIL converts any mode to RGB (CMYK's C, M, Y must not be read as R, G, B; a palette image is not its
+    indices), 16-bit grayscale keeps its range, EXIF orientation is applied, and paths are read."""
+    rgb = Image.fromarray(smooth_image(3, 50, 70))
+    for mode in ("CMYK", "P", "LA", "RGBA", "L"):
+        image = rgb.convert(mode)
+        expected = clf.probabilities([np.asarray(image.convert("RGB"))])
+        np.testing.assert_allclose(clf.probabilities([image]), expected, rtol=1e-5, atol=1e-7, err_msg=mode)
+    cmyk = rgb.convert("CMYK")
+    assert not np.allclose(clf.probabilities([cmyk]), clf.probabilities([np.asarray(cmyk)[..., :3]]), rtol=1e-3)
+    gray = smooth_image(4, 50, 70)[..., 0]
+    sixteen = Image.fromarray(gray.astype(np.uint16) * 257)
+    assert sixteen.mode.startswith("I;16")
+    np.testing.assert_allclose(clf.probabilities([sixteen]), clf.probabilities([gray]), rtol=1e-5, atol=1e-7)
+
+    path = tmp_path / "photo.png"
+    rgb.save(path)
+    reference = clf.probabilities([np.asarray(rgb)])
+    np.testing.assert_allclose(clf.probabilities(str(path)), reference, rtol=1e-6)
+    np.testing.assert_allclose(clf.probabilities([path, str(path)]), np.repeat(reference, 2, 0), rtol=1e-6)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: shown rotated by 90 degrees clockwise
+    rgb.save(tmp_path / "sideways.png", exif=exif)
+    upright = np.asarray(rgb.transpose(Image.Transpose.ROTATE_270))
+    np.testing.assert_allclose(clf.probabilities(tmp_path / "sideways.png"), clf.probabilities([upright]), rtol=1e-6)
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    with pytest.raises(UserError, match="Cannot read image 0, .*broken.jpg"):
+        clf.predict(str(tmp_path / "broken.jpg"))

@@ -173,6 +173,11 @@ def test_folder_errors_say_what_layout_is_expected(tmp_path):
     os.makedirs(os.path.join(cfg.folder, "val", "zebra"))
     with pytest.raises(data.DatasetError, match="zebra is a class that .*train lacks"):
         data.num_classes(cfg)
+    # An empty class folder would silently become a class that no image shows.
+    cfg.folder = _folder(tmp_path / "empty", {"a": 2, "b": 2})
+    os.makedirs(os.path.join(cfg.folder, "train", "c", "nested"))
+    with pytest.raises(data.DatasetError, match="class folder .*train/c holds no .jpg/.jpeg/.png image"):
+        data.num_classes(cfg)
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,6 +204,10 @@ def test_unknown_and_unprepared_tfds_datasets(tmp_path):
     cfg.dataset = "no_such_dataset_xyz"
     with pytest.raises(data.DatasetError, match="unknown dataset 'no_such_dataset_xyz'.*vgg_jax_demo"):
         data.num_classes(cfg)
+    cfg.dataset = "imagenet2013"  # the project's message with a suggestion, not TFDS's list of every dataset
+    with pytest.raises(data.DatasetError, match="unknown dataset 'imagenet2013' \\(did you mean 'imagenet2012'") as e:
+        data.num_classes(cfg)
+    assert "\n" not in str(e.value) and len(str(e.value)) < 400
     cfg.dataset = "mnist"
     expected = f"not prepared in .*download=True.*tfds build mnist --data_dir={tmp_path}"
     with pytest.raises(data.DatasetError, match=expected):

@@ -8,6 +8,7 @@ References are independent of the evaluator: each image evaluated alone with ``m
 from __future__ import annotations
 
 import collections
+import csv
 import functools
 import json
 import os
@@ -21,6 +22,7 @@ import numpy as np
 import pytest
 
 from vgg_jax import checkpoints, data, evaluate, models, sharding
+from vgg_jax.data import demo
 
 from tiny_runs import TRAINING_DEVICES, free_port
 
@@ -146,6 +148,7 @@ def test_multicrop_reduced_to_the_centre_crop_is_the_centre_protocol(clf):
     cfg.eval_split = "validation[:5]"
     center = next(iter(data.create_eval_iterator(cfg, view="center", scale=40, global_batch_size=5)))
     grid = next(iter(data.create_eval_iterator(cfg, view="multicrop", scale=40, global_batch_size=5)))
+    center, grid = ({k: v for k, v in b.items() if k != "file_name"} for b in (center, grid))
     expected = np.asarray(evaluate.center_posteriors(clf.apply_fn, clf.variables, center))
     one_view = {"image": center["image"][:, None]}
     np.testing.assert_allclose(multicrop(clf.apply_fn, clf.variables, one_view), expected, atol=1e-6)
@@ -262,10 +265,21 @@ CLI = ["--protocol=dense+multicrop", "--scales=36,48", "--data.eval_split=valida
 
 def test_cli_counts_every_image_once_on_1_and_2_processes(run, tmp_path):
     """13 images in global batches of 4: one process (3 full batches and 1 image + 3 padding rows
-    per view) and two jax.distributed processes on localhost (7 and 6 images in batches of 2)
-    agree on every result, and both count each image once."""
-    one = evaluate.main([f"--checkpoint={run}", *CLI, f"--out={tmp_path / 'one'}"]).results
+    per view) and two jax.distributed processes on localhost asking for batches of 7 (padded to 8: 7
+    and 6 images in batches of 4) agree on every result and on the per-image predictions, and both
+    count each image once."""
+    one_csv, two_csv = tmp_path / "one.csv", tmp_path / "two.csv"
+    report = evaluate.main([f"--checkpoint={run}", *CLI, f"--out={tmp_path / 'one'}", f"--predictions={one_csv}"])
+    one = report.results
     assert one["images"] == 13
+    rows = list(csv.DictReader(one_csv.open()))
+    assert [int(r["index"]) for r in rows] == list(range(13))
+    labels = [int(r["label"]) for r in rows]
+    assert [r["label_name"] for r in rows] == [demo.CLASS_NAMES[k] for k in labels]
+    top1 = [int(r["top1"]) for r in rows]
+    assert np.mean([t != k for t, k in zip(top1, labels)]) * 100 == pytest.approx(one["top1_error"])
+    scores = np.array([[float(r[f"score{i}"]) for i in range(1, 6)] for r in rows])
+    assert np.all(np.diff(scores, axis=1) <= 0) and np.all(scores.sum(1) <= 1 + 1e-5)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     procs = [
@@ -276,6 +290,8 @@ def test_cli_counts_every_image_once_on_1_and_2_processes(run, tmp_path):
                 "vgg_jax.evaluate",
                 f"--checkpoint={run / 'checkpoints'}",
                 *CLI,
+                "--batch_size=7",
+                f"--predictions={two_csv}",
                 "--distributed.enabled=True",
                 f"--distributed.coordinator_address=127.0.0.1:{port}",
                 "--distributed.num_processes=2",
@@ -298,6 +314,11 @@ def test_cli_counts_every_image_once_on_1_and_2_processes(run, tmp_path):
     assert "| ConvNet |" not in outputs[1][0]  # only process 0 prints and writes
     md = (tmp_path / "one" / "dense+multicrop_36-48.md").read_text().splitlines()
     assert len(md) == 2 + 2 * (2 + 1) + 1
+    two = list(csv.DictReader(two_csv.open()))  # gathered from both processes
+    assert [r["index"] for r in two] == [r["index"] for r in rows] and [r["top1"] for r in two] == [
+        str(t) for t in top1
+    ]
+    np.testing.assert_allclose([float(r["score1"]) for r in two], scores[:, 0], rtol=1e-4)
 
 
 def test_cli_errors_name_the_fix(tmp_path, capsys):

@@ -22,7 +22,6 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # the experiments package lives at the repository root
 
 from experiments import launch, plan, plots, report, results, slurm, status, sweeps, tpu  # noqa: E402
 

@@ -128,3 +128,37 @@ def test_validation_labels_follow_tfds_validation_labels(imagenet):
             assert fx.colour_label(img.mean(axis=(0, 1))) == label
             seen.append(number)
     assert sorted(seen) == list(range(1, NUM_VAL + 1)) and len(ev) == 3
+
+
+def _val_archive(tmp_path, names: dict[str, int]) -> dict:
+    """A manual_dir whose val tar holds the given files (name -> the number whose published label it shows)."""
+    syn, truth = fx.imagenet_synsets(), fx.imagenet_validation_labels()
+    val = {name: fx.encode(fx.solid(syn.index(truth[number - 1]), SIZE)) for name, number in names.items()}
+    manual = tmp_path / "manual"
+    fx.write_ilsvrc(str(manual), {"n01440764": [("n01440764_1.JPEG", fx.encode(fx.solid(0, SIZE)))]}, val)
+    return dict(manual_dir=str(manual), data_dir=str(tmp_path / "tfds"))
+
+
+def test_partial_or_renamed_validation_archive_is_labelled_by_file_number(tmp_path):
+    """Files 101..150 only, one of them renamed to lower case: TFDS's own builder would give them the labels
+    of files 1..50 (it zips the sorted names with the label list); each gets line NNNNNNNN instead."""
+    names = {f"ILSVRC2012_val_{n:08d}.JPEG": n for n in range(101, 151)}
+    del names["ILSVRC2012_val_00000107.JPEG"]
+    names["ilsvrc2012_val_00000107.jpeg"] = 107
+    config = make_cfg(_val_archive(tmp_path, names), eval_split="validation")
+    syn, truth = fx.imagenet_synsets(), fx.imagenet_validation_labels()
+    got = {r["file_name"].decode(): int(r["label"]) for r in records(config, "validation")}
+    assert set(got) == set(names)
+    wrong = [n for n, number in names.items() if got[n] != syn.index(truth[number - 1])]
+    assert not wrong, wrong
+    # The stock zip would have been wrong for most of them: the test can tell.
+    assert sum(syn.index(truth[i]) != got[n] for i, n in enumerate(sorted(names))) > 25
+
+
+def test_a_validation_file_without_a_number_stops_preparation(tmp_path):
+    names = {"ILSVRC2012_val_00000001.JPEG": 1, "ILSVRC2012_val_extra.JPEG": 2}
+    config = make_cfg(_val_archive(tmp_path, names))
+    with pytest.raises(
+        sources.DatasetError, match="holds 'ILSVRC2012_val_extra.JPEG', which is not ILSVRC2012_val_NNNNNNNN"
+    ):
+        data.num_examples(config, "validation")

@@ -18,7 +18,6 @@ from vgg_jax import checkpoints
 from tiny_runs import save_random_converted
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # configs/ is imported as a package
 
 from configs import transfer  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Benchmarks: ``python -m vgg_jax.bench {input,eval,train,memory} [--flags]``; one function per command.
+"""Benchmarks: ``python -m vgg_jax.bench {input,eval,train,memory,checkpoint} [--flags]``; one function each.
 
 docs/benchmarks.md
 """
@@ -715,6 +715,86 @@ def bench_memory(args: types.SimpleNamespace) -> None:
     print("\n".join(fits))
 
 
+def bench_checkpoint(args: types.SimpleNamespace) -> None:
+    """Save and restore time of a full-size train state through the run's ``Checkpointer`` (SHA-256 digest of
+    every file written at save, verified before restore) against the same orbax manager without digests.
+    Runs are interleaved; the median of ``repeats`` is reported."""
+    import shutil
+
+    import jax
+    import orbax.checkpoint as ocp
+
+    from vgg_jax import checkpoints, models, optim, sharding
+    from vgg_jax.train_step import abstract_train_state, create_train_state
+
+    model = models.get_model(args.model)
+    tx = optim.make_optimizer(_optimizer_config(), 1)
+    abstract, shardings = abstract_train_state(model, tx, sharding.make_mesh())
+    state = jax.jit(lambda r: create_train_state(model, tx, r), out_shardings=shardings)(jax.random.PRNGKey(0))
+    jax.block_until_ready(state)
+    size = sum(x.nbytes for x in jax.tree_util.tree_leaves(state))
+    root = tempfile.mkdtemp(prefix="vgg_jax_bench_ckpt_", dir=args.dir)
+    data_state, meta = {"epoch": 0, "position": 0}, {"step": 1}
+
+    def plain_manager(directory: str) -> ocp.CheckpointManager:
+        handlers = {
+            checkpoints.STATE: ocp.StandardCheckpointHandler(),
+            checkpoints.DATA: checkpoints.IteratorStateHandler(),
+            checkpoints.META: ocp.JsonCheckpointHandler(),
+        }
+        return ocp.CheckpointManager(directory, item_handlers=handlers)
+
+    def run(variant: str, i: int) -> tuple[float, float]:
+        directory = os.path.join(root, f"{variant}-{i}")
+        if variant == "digests":
+            ckpt = checkpoints.Checkpointer(directory, keep=1, keep_best=0)
+            save = lambda: ckpt.save(1, state, data_state, meta)  # noqa: E731
+            manager = ckpt.manager
+
+            def restore():
+                assert not checkpoints.verify_step(os.path.join(directory, "1"))
+                return ckpt.restore(1, abstract)[0]
+        else:
+            manager = plain_manager(directory)
+            items = {
+                checkpoints.STATE: ocp.args.StandardSave(state),
+                checkpoints.META: ocp.args.JsonSave(meta),
+                checkpoints.DATA: checkpoints.IteratorStateSave(data_state),
+            }
+            save = lambda: manager.save(1, args=ocp.args.Composite(**items))  # noqa: E731
+
+            def restore():
+                args_ = {
+                    checkpoints.STATE: ocp.args.StandardRestore(abstract),
+                    checkpoints.META: ocp.args.JsonRestore(),
+                }
+                return manager.restore(1, args=ocp.args.Composite(**args_))[checkpoints.STATE]
+
+        saved = _timed(lambda: (save(), manager.wait_until_finished()))[0]
+        restored = _timed(lambda: jax.block_until_ready(restore()))[0]
+        manager.close()
+        shutil.rmtree(directory)
+        return saved, restored
+
+    times = {"plain orbax": [], "digests": []}
+    try:
+        for i in range(args.repeats):
+            for variant in times:
+                times[variant].append(run(variant, i))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print(
+        f"{args.model} train state (params + momentum): {size / 1e9:.2f} GB, float32, in "
+        f"{args.dir or tempfile.gettempdir()}; median of {args.repeats} interleaved runs; load {os.getloadavg()[0]:.1f}"
+    )
+    print("| checkpointer | save until finished (s) | restore (s) | save GB/s | restore GB/s |\n|---|---|---|---|---|")
+    for variant, results in times.items():
+        save, restore = np.median(results, axis=0)
+        print(f"| {variant} | {save:.2f} | {restore:.2f} | {size / 1e9 / save:.2f} | {size / 1e9 / restore:.2f} |")
+    (ps, pr), (ds, dr) = (np.median(times[v], axis=0) for v in times)
+    print(f"digests / plain: save {ds / ps:.2f}x, restore (with verification) {dr / pr:.2f}x")
+
+
 def _define_train_flags(values: flags.FlagValues, batch: str) -> None:
     flags.DEFINE_string("model", "vgg16", "vgg11 ... vgg19_bn, or the paper's letters.", flag_values=values)
     flags.DEFINE_list("batch", batch, "Images per device, comma-separated (several: one row each).", flag_values=values)
@@ -797,11 +877,18 @@ def _define_memory(values: flags.FlagValues, argv: list[str]) -> None:
     flags.DEFINE_float("budget_gb", 80.0, "Device memory to fit (80: one H100).", flag_values=values)
 
 
+def _define_checkpoint(values: flags.FlagValues, argv: list[str]) -> None:
+    flags.DEFINE_string("model", "vgg16", "The network whose train state is saved.", flag_values=values)
+    flags.DEFINE_integer("repeats", 3, "Interleaved runs per checkpointer; the median is reported.", flag_values=values)
+    flags.DEFINE_string("dir", None, "Where to write (default: the temporary directory).", flag_values=values)
+
+
 COMMANDS = {
     "input": (_define_input, bench_input, "tf.data training-transform images/s per core vs decode-only"),
     "eval": (_define_eval, bench_eval, "evaluation cost per image: dense (3 scales) vs multi-crop (150 crops)"),
     "train": (_define_train, bench_train, "train-step time, img/s, MFU, peak memory; --compare_torch: vs PyTorch"),
     "memory": (_define_memory, bench_memory, "XLA's memory plan of the train step per remat policy and batch size"),
+    "checkpoint": (_define_checkpoint, bench_checkpoint, "save/restore time with and without checksums"),
 }
 
 

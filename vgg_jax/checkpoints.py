@@ -1,42 +1,179 @@
-"""Orbax checkpoints: train state, input-iterator state and meta (schedule state, config), saved together.
+"""Orbax checkpoints: train state, input-iterator state and meta (schedule state, config), saved together
+with a SHA-256 digest of every file, verified before any restore.
 
 docs/training.md#checkpoints
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import hashlib
 import json
 import os
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
 from vgg_jax import models
+from vgg_jax.errors import CheckpointError
 
 STATE, DATA, META = "state", "data", "meta"
+DIGESTS = "_CHECKSUMS.sha256.json"
+# Written by orbax after the items' finalize (step metadata, commit marker): not hashed, checked as JSON.
+_NOT_HASHED = {DIGESTS, DIGESTS + ".tmp", "_CHECKPOINT_METADATA", "commit_success.txt"}
 
 
-class IteratorStateHandler(ocp.CheckpointHandler):
-    """Saves each process's input-iterator state (a JSON-able dict) as ``process_<i>.json``."""
+# ----------------------------------------------------------------------------------------------
+# Checksums. orbax 0.12.8 stores array data without checksums (OCDBT checksums only its own index;
+# zarr2 has no checksum codec), so every item records a digest of its files when it is finalized:
+# on one process, after all processes have written, before orbax's atomic rename (docs/training.md).
+
+
+def _sha256(path: epath.Path) -> tuple[str, int]:
+    digest, size = hashlib.sha256(), 0
+    with path.open("rb") as f:
+        while block := f.read(8 << 20):
+            digest.update(block)
+            size += len(block)
+    return digest.hexdigest(), size
+
+
+def _files(directory: epath.Path) -> list[str]:
+    found, stack = [], [directory]
+    while stack:  # an explicit walk: epath's rglob is refused on GCS
+        for p in stack.pop().iterdir():
+            if p.is_dir():
+                stack.append(p)
+            elif p.name not in _NOT_HASHED:
+                found.append(str(p.relative_to(directory)))
+    return sorted(found)
+
+
+def _hash_all(directory: epath.Path, names: Iterable[str]) -> dict[str, tuple[str, int] | None]:
+    def one(name: str) -> tuple[str, tuple[str, int] | None]:
+        path = directory / name
+        return name, (_sha256(path) if path.exists() else None)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:  # hashlib releases the GIL
+        return dict(pool.map(one, names))
+
+
+def write_digests(directory: str | epath.Path) -> None:
+    """Records the SHA-256 and size of every file under ``directory`` in its ``DIGESTS`` file."""
+    directory = epath.Path(directory)
+    digests = _hash_all(directory, _files(directory))
+    record = {"algorithm": "sha256", "files": {k: {"sha256": d, "size": n} for k, (d, n) in digests.items()}}
+    tmp = directory / (DIGESTS + ".tmp")
+    tmp.write_text(json.dumps(record, sort_keys=True))
+    tmp.replace(directory / DIGESTS)
+
+
+def verify_item(directory: epath.Path) -> list[str]:
+    """What is wrong with one item's files (empty: they match the digests written with them)."""
+    if not directory.is_dir():
+        return [f"{directory.name}/ is missing"]
+    if not (directory / DIGESTS).exists():
+        return [f"{directory.name}/{DIGESTS} is missing"]
+    try:
+        expected = json.loads((directory / DIGESTS).read_text())["files"]
+    except (ValueError, KeyError, TypeError):
+        return [f"{directory.name}/{DIGESTS} is unreadable"]
+    problems = []
+    for name, (want, got) in ((n, (expected[n], g)) for n, g in _hash_all(directory, sorted(expected)).items()):
+        where = f"{directory.name}/{name}"
+        if got is None:
+            problems.append(f"{where} is missing")
+        elif got[1] != want["size"]:
+            problems.append(f"{where} has {got[1]} bytes, {want['size']} were written")
+        elif got[0] != want["sha256"]:
+            problems.append(f"{where} does not match its checksum")
+    return problems
+
+
+def verify_step(step_dir: str | epath.Path, items: Sequence[str] = (STATE, DATA, META)) -> list[str]:
+    """What is wrong with a checkpoint step (empty: every item matches its checksums). A step written
+    before checksums existed (no digest anywhere) is reported as ``unverified``, not as damaged."""
+    step_dir = epath.Path(step_dir)
+    if not step_dir.is_dir():
+        return [f"{step_dir} is missing"]
+    if not any((step_dir / item / DIGESTS).exists() for item in items):
+        present = [i for i in items if (step_dir / i).is_dir()]
+        return [] if present == list(items) else [f"{', '.join(set(items) - set(present))} missing"]
+    problems = [p for item in items for p in verify_item(step_dir / item)]
+    metadata = step_dir / "_CHECKPOINT_METADATA"
+    if metadata.exists():
+        try:
+            json.loads(metadata.read_text())
+        except ValueError:
+            problems.append("_CHECKPOINT_METADATA is not valid JSON")
+    return problems
+
+
+def has_digests(step_dir: epath.Path) -> bool:
+    return any((step_dir / item / DIGESTS).exists() for item in (STATE, DATA, META))
+
+
+class _WithDigests:
+    """A handler mixin: digests written in ``finalize`` (once, after every process wrote its files)."""
+
+    def finalize(self, directory: epath.Path) -> None:
+        super().finalize(directory)  # e.g. the OCDBT merge of a pytree item: first
+        write_digests(directory)
+
+
+class StateHandler(_WithDigests, ocp.StandardCheckpointHandler):
+    """The train state as orbax's standard pytree item, with digests."""
+
+
+class MetaHandler(_WithDigests, ocp.JsonCheckpointHandler):
+    """The meta JSON item, with digests."""
+
+
+@ocp.args.register_with_handler(StateHandler, for_save=True)
+@dataclasses.dataclass
+class StateSave(ocp.args.StandardSave):
+    pass
+
+
+@ocp.args.register_with_handler(StateHandler, for_restore=True)
+@dataclasses.dataclass
+class StateRestore(ocp.args.StandardRestore):
+    pass
+
+
+@ocp.args.register_with_handler(MetaHandler, for_save=True)
+@dataclasses.dataclass
+class MetaSave(ocp.args.JsonSave):
+    pass
+
+
+@ocp.args.register_with_handler(MetaHandler, for_restore=True)
+@dataclasses.dataclass
+class MetaRestore(ocp.args.JsonRestore):
+    pass
+
+
+class IteratorStateHandler(_WithDigests, ocp.CheckpointHandler):
+    """Each process's input-iterator state (a JSON-able dict) as ``process_<i>.json``; restore returns
+    every process's state by process index, so a run can resume on another process count."""
 
     def save(self, directory: epath.Path, args: IteratorStateSave) -> None:
         (directory / f"process_{jax.process_index()}.json").write_text(json.dumps({"json": args.state}))
 
-    def restore(self, directory: epath.Path, args: IteratorStateRestore | None = None) -> Any:
-        path = directory / f"process_{jax.process_index()}.json"
-        if not path.exists():
-            found = sorted(p.name for p in directory.iterdir())
-            raise ValueError(
-                f"No input-iterator state for process {jax.process_index()} in {directory} (found {found}): "
-                "the checkpoint was written by a run with fewer processes. Resume with the same process "
-                "count, or start a new run from its parameters with --config.init_from."
-            )
-        return json.loads(path.read_text())["json"]
+    def restore(self, directory: epath.Path, args: IteratorStateRestore | None = None) -> dict[int, Any]:
+        states = {}
+        for path in directory.iterdir():
+            if path.name.startswith("process_") and path.name.endswith(".json"):
+                states[int(path.name[len("process_") : -len(".json")])] = json.loads(path.read_text())["json"]
+        return states
 
 
 @ocp.args.register_with_handler(IteratorStateHandler, for_save=True)
@@ -49,6 +186,10 @@ class IteratorStateSave(ocp.args.CheckpointArgs):
 @dataclasses.dataclass
 class IteratorStateRestore(ocp.args.CheckpointArgs):
     pass
+
+
+# ----------------------------------------------------------------------------------------------
+# The training run's checkpoints
 
 
 def absolute(path: str | epath.Path) -> epath.Path:
@@ -64,20 +205,39 @@ def _leaves_by_path(tree: Any) -> dict[str, Any]:
 
 
 def check_compatible(expected: Any, stored: Any, where: str) -> None:
-    """Raises ValueError naming the first parameter whose presence or shape differs."""
+    """Raises CheckpointError naming the first parameter whose presence or shape differs."""
     want, have = _leaves_by_path(expected), _leaves_by_path(stored)
     for key, leaf in want.items():
         if key not in have:
-            raise ValueError(f"Checkpoint {where} has no {key}: it was written for another model or optimizer.")
+            raise CheckpointError(f"Checkpoint {where} has no {key}: it was written for another model or optimizer.")
         if tuple(have[key].shape) != tuple(leaf.shape):
-            raise ValueError(
+            raise CheckpointError(
                 f"Checkpoint {where} does not fit this model: {key} has shape {tuple(have[key].shape)} "
                 f"there but {tuple(leaf.shape)} here. Use the same model config (name, width, fc_width, "
                 "crop_size, num_classes) as the run that wrote it."
             )
     extra = sorted(set(have) - set(want))
     if extra:
-        raise ValueError(f"Checkpoint {where} has {extra[0]} that this model lacks: another model was saved there.")
+        raise CheckpointError(
+            f"Checkpoint {where} has {extra[0]} that this model lacks: another model was saved there."
+        )
+
+
+@dataclasses.dataclass
+class BestValidation:
+    """An orbax preservation policy: the ``n`` steps with the highest validation top-1 in ``scores``.
+
+    ``scores`` (step -> top-1 accuracy) is shared with the training loop, which records each evaluation
+    after the checkpoint of its step was saved (a checkpoint precedes every evaluation).
+    """
+
+    n: int
+    scores: dict[int, float]
+
+    def should_preserve(self, checkpoints: Sequence[Any], *, context: Any) -> list[bool]:
+        ranked = sorted((c.step for c in checkpoints if c.step in self.scores), key=lambda s: (self.scores[s], -s))
+        best = set(ranked[len(ranked) - self.n :]) if self.n else set()
+        return [c.step in best for c in checkpoints]
 
 
 class Checkpointer:
@@ -85,53 +245,60 @@ class Checkpointer:
 
     def __init__(self, directory: str | epath.Path, *, keep: int = 3, keep_best: int = 1, async_save: bool = True):
         self.directory = absolute(directory)
-        policy = policies.AnyPreservationPolicy(
-            [
-                policies.LatestN(n=keep),
-                policies.BestN(
-                    get_metric_fn=lambda m: m["top1"],
-                    reverse=False,
-                    n=keep_best,
-                    keep_checkpoints_without_metrics=False,
-                ),
-            ]
-        )
+        self.scores: dict[int, float] = {}  # step -> validation top-1 accuracy, for keep_best
+        policy = policies.AnyPreservationPolicy([policies.LatestN(n=keep), BestValidation(keep_best, self.scores)])
         options = ocp.CheckpointManagerOptions(
             create=True,
             enable_async_checkpointing=async_save,
             preservation_policy=policy,
             cleanup_tmp_directories=True,
         )
-        handlers = {
-            STATE: ocp.StandardCheckpointHandler(),
-            DATA: IteratorStateHandler(),
-            META: ocp.JsonCheckpointHandler(),
-        }
+        handlers = {STATE: StateHandler(), DATA: IteratorStateHandler(), META: MetaHandler()}
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
 
-    def save(self, step: int, state: Any, data_state: Any, meta: dict[str, Any], top1: float | None = None) -> None:
+    def latest_intact_step(self) -> int | None:
+        """The newest step whose files match their checksums. Damaged newer steps are reported in one
+        line each and set aside (renamed ``<step>.damaged``, never deleted)."""
+        for step in reversed(self.steps()):
+            problems = verify_step(self.directory / str(step))
+            if not problems:
+                if not has_digests(self.directory / str(step)):
+                    logging.warning("Checkpoint step %d was saved without checksums: restoring it unverified.", step)
+                return step
+            self._set_aside(step, problems)
+        return None
+
+    def _set_aside(self, step: int, problems: list[str]) -> None:
+        aside = self.directory / f"{step}.damaged"
+        n = 1
+        while aside.exists():
+            aside, n = self.directory / f"{step}.damaged-{n}", n + 1
+        if jax.process_index() == 0:
+            (self.directory / str(step)).rename(aside)
+        multihost_utils.sync_global_devices(f"vgg_jax set aside checkpoint {step}")
+        logging.warning(
+            "Checkpoint step %d is damaged (%s): set aside as %s; falling back to an earlier step.",
+            step,
+            "; ".join(problems[:3]),
+            aside,
+        )
+        self.manager.reload()
+
+    def save(self, step: int, state: Any, data_state: Any, meta: dict[str, Any]) -> None:
         """Starts an (asynchronous) save of everything needed to resume at ``step``."""
         args = ocp.args.Composite(
-            **{STATE: ocp.args.StandardSave(state), DATA: IteratorStateSave(data_state), META: ocp.args.JsonSave(meta)}
+            **{STATE: StateSave(state), DATA: IteratorStateSave(data_state), META: MetaSave(meta)}
         )
-        self.manager.save(step, args=args, metrics=None if top1 is None else {"top1": top1}, force=True)
+        self.manager.save(step, args=args, force=True)
 
-    def restore(self, step: int, abstract_state: Any) -> tuple[Any, Any, dict[str, Any]]:
-        """Restores ``(state, data_state, meta)``; the state onto ``abstract_state``'s shardings."""
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[int, Any], dict[str, Any]]:
+        """``(state, {process index: iterator state}, meta)``; the state onto ``abstract_state``'s shardings."""
         self.check(step, abstract_state)
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                **{
-                    STATE: ocp.args.StandardRestore(abstract_state),
-                    DATA: IteratorStateRestore(),
-                    META: ocp.args.JsonRestore(),
-                }
-            ),
-        )
+        args = {STATE: StateRestore(abstract_state), DATA: IteratorStateRestore(), META: MetaRestore()}
+        restored = self.manager.restore(step, args=ocp.args.Composite(**args))
         return restored[STATE], restored[DATA], restored[META]
 
     def check(self, step: int, abstract_state: Any) -> None:
@@ -145,18 +312,24 @@ class Checkpointer:
         self.manager.close()
 
 
+# ----------------------------------------------------------------------------------------------
+# Weights: any checkpoint of a run, or converted weights
+
+
 def restore_model(path: str | epath.Path) -> tuple[models.VGG, dict[str, Any], dict[str, Any]]:
     """``(model, variables, meta)`` of the newest checkpoint under ``path`` (a training workdir, its
     checkpoints dir, a step dir, or converted weights): the model its meta config describes, with
-    fc8's class count, checked against the stored parameters. Works on any device count: the arrays
-    land on this process's first device whatever wrote them."""
-    meta = read_meta(path)
+    fc8's class count, checked against the stored parameters. The files are verified against their
+    checksums first. Works on any device count: the arrays land on this process's first device."""
+    step_dir = find_checkpoint(path)
+    check_intact(step_dir)
+    meta = read_meta(step_dir)
     if "model" not in meta.get("config", {}):
-        raise ValueError(
-            f"{find_checkpoint(path)} has no model config in its meta item: it was not written by "
-            "vgg_jax.main or vgg_jax.convert, so the model cannot be rebuilt."
+        raise CheckpointError(
+            f"{step_dir} has no model config in its meta item: it was not written by vgg_jax.main or "
+            "vgg_jax.convert, so the model cannot be rebuilt."
         )
-    variables = _restore_variables(path)
+    variables = _restore_variables(step_dir)
     num_classes = int(variables["params"]["fc8"]["bias"].shape[0])
     crop_size = meta["config"].get("data", {}).get("crop_size", models.VGG.crop_size)
     model = models.from_config(meta["config"]["model"], num_classes=num_classes, crop_size=crop_size)
@@ -164,9 +337,26 @@ def restore_model(path: str | epath.Path) -> tuple[models.VGG, dict[str, Any], d
     return model, variables, meta
 
 
-def _restore_variables(path: str | epath.Path) -> dict[str, Any]:
-    """``{'params', 'batch_stats'}`` of the newest checkpoint under ``path``, on this process's first device."""
-    step_dir = find_checkpoint(path)
+def check_intact(step_dir: epath.Path) -> None:
+    """CheckpointError naming the step, what is wrong and the intact steps beside it, if it is damaged."""
+    problems = verify_step(step_dir, (STATE, META))
+    if not problems:
+        return
+    if not step_dir.name.isdigit():  # converted weights: nothing beside them
+        where = "re-create it (e.g. run the conversion again)"
+    else:
+        siblings = [p for p in step_dir.parent.iterdir() if p.name.isdigit() and p != step_dir]
+        intact = sorted((int(p.name) for p in siblings if not verify_step(p, (STATE, META))), reverse=True)
+        where = (
+            f"intact steps: {', '.join(map(str, intact))}; pass one, e.g. {step_dir.parent / str(intact[0])}"
+            if intact
+            else "no intact step beside it"
+        )
+    raise CheckpointError(f"Checkpoint {step_dir} is damaged ({'; '.join(problems[:3])}); {where}.")
+
+
+def _restore_variables(step_dir: epath.Path) -> dict[str, Any]:
+    """``{'params', 'batch_stats'}`` of one step, on this process's first device."""
     metadata = ocp.StandardCheckpointer().metadata(step_dir / STATE).item_metadata
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = {
@@ -174,41 +364,42 @@ def _restore_variables(path: str | epath.Path) -> dict[str, Any]:
         for key in ("params", "batch_stats")
         if key in metadata
     }
-    restored = _partial_restore(step_dir / STATE, target)
+    restore_args = jax.tree_util.tree_map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), target)
+    restored = ocp.PyTreeCheckpointer().restore(
+        step_dir / STATE, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
+    )
     return {"params": restored["params"], "batch_stats": restored.get("batch_stats") or {}}
 
 
-def _partial_restore(directory: epath.Path, target: dict[str, Any]) -> dict[str, Any]:
-    restore_args = jax.tree_util.tree_map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), target)
-    return ocp.PyTreeCheckpointer().restore(
-        directory, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
-    )
-
-
 def save_variables(directory: str | epath.Path, variables: dict[str, Any], meta: dict[str, Any]) -> epath.Path:
-    """Writes a standalone checkpoint (``state`` = {'params', 'batch_stats'}, ``meta`` = JSON).
+    """Writes a standalone checkpoint (``state`` = {'params', 'batch_stats'}, ``meta`` = JSON), with digests.
 
     Converted weights use this layout; ``restore_model``, ``read_meta``, ``vgg_jax.load`` and
     ``--config.init_from`` all accept the directory.
     """
     directory = absolute(directory)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(
-        directory / STATE, {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
-    )
-    checkpointer.wait_until_finished()
+    checkpointer = ocp.Checkpointer(StateHandler())
+    state = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
+    checkpointer.save(directory / STATE, args=StateSave(state))
     (directory / META).mkdir(parents=True, exist_ok=True)
     (directory / META / "metadata").write_text(json.dumps(meta))
+    write_digests(directory / META)
     return directory
 
 
 def read_meta(path: str | epath.Path) -> dict[str, Any]:
     """The ``meta`` item (config, schedule state) of a checkpoint."""
-    return json.loads((find_checkpoint(path) / META / "metadata").read_text())
+    file = find_checkpoint(path) / META / "metadata"
+    try:
+        return json.loads(file.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{file} is missing: the checkpoint is incomplete or damaged.") from None
+    except ValueError as e:
+        raise CheckpointError(f"{file} is not valid JSON ({e}): the checkpoint is damaged.") from None
 
 
 def find_checkpoint(path: str | epath.Path) -> epath.Path:
-    """Resolves a workdir, its ``checkpoints`` dir, or a step dir to the newest complete step dir."""
+    """Resolves a workdir, its ``checkpoints`` dir, or a step dir to the newest step dir with a state."""
     path = absolute(path)
     if (path / STATE).exists():
         return path

@@ -6,6 +6,7 @@ docs/evaluation.md#notebooks
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,8 +15,9 @@ import ml_collections
 import numpy as np
 
 from vgg_jax import checkpoints, models, preprocessing
+from vgg_jax.errors import UserError
 
-ImageBatch = np.ndarray | Sequence[Any]  # [N, H, W, 3] uint8, or a list of [H, W(, C)] uint8 arrays / PIL images
+ImageBatch = np.ndarray | Sequence[Any] | str | os.PathLike  # [N, H, W, 3] uint8; arrays, PIL images or files
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +95,7 @@ class Classifier:
     def predict(self, images: ImageBatch, top_k: int = 5) -> Predictions:
         """The ``top_k`` most probable classes of each image (ids, names, probabilities)."""
         if not 1 <= top_k <= len(self.class_names):
-            raise ValueError(f"top_k must be in [1, {len(self.class_names)}] (the number of classes), got {top_k}.")
+            raise UserError(f"top_k must be in [1, {len(self.class_names)}] (the number of classes), got {top_k}.")
         probs = self.probabilities(images)
         ids = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
         names = [[self.class_names[i] for i in row] for row in ids]
@@ -113,27 +115,53 @@ class Classifier:
 
 
 def as_images(images: ImageBatch) -> list[np.ndarray]:
-    """A list of uint8 [H, W, 3] arrays from an [N, H, W, C] array, one image, or a list of images
-    (grayscale gets three channels, an alpha channel is dropped)."""
+    """A list of uint8 [H, W, 3] RGB arrays from an [N, H, W, C] array, one image, a file path, or a list
+    of these. PIL images of any mode and image files go through PIL to RGB, EXIF orientation applied;
+    grayscale arrays get three channels, an alpha channel is dropped."""
     if isinstance(images, np.ndarray) and images.ndim == 4:
         items = list(images)
     elif isinstance(images, (list, tuple)):
-        items = [np.asarray(image) for image in images]
+        items = list(images)
     else:
-        items = [np.asarray(images)]
+        items = [images]
     out = []
     for i, image in enumerate(items):
+        if isinstance(image, (str, os.PathLike)) or hasattr(image, "getexif"):
+            out.append(_pil_rgb(image, i))
+            continue
+        image = np.asarray(image)
         if image.dtype != np.uint8:
-            raise ValueError(
+            raise UserError(
                 f"Image {i} has dtype {image.dtype}; predict takes uint8 pixels (0..255) as read from an image file. "
                 "Convert with np.clip(x, 0, 255).astype(np.uint8) (x * 255 first if it is in [0, 1])."
             )
         if image.ndim == 2:
             image = image[..., None]
         if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
-            raise ValueError(f"Image {i} has shape {image.shape}; expected (H, W), (H, W, 3) or (H, W, 4).")
+            raise UserError(f"Image {i} has shape {image.shape}; expected (H, W), (H, W, 3) or (H, W, 4).")
         out.append(np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image[..., :3])
     return out
+
+
+def _pil_rgb(image: Any, index: int) -> np.ndarray:
+    """uint8 RGB pixels of a PIL image or image file: EXIF orientation applied, any mode converted by PIL."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            with Image.open(image) as opened:
+                opened.load()
+                image = opened.copy()
+        except (OSError, UnidentifiedImageError) as e:
+            raise UserError(
+                f"Cannot read image {index}, {os.fspath(image)!r}: {e}. Pass a readable image file."
+            ) from None
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grayscale: PIL's RGB conversion clips at 255
+        pixels = np.asarray(image, np.float64)
+        gray = np.clip(np.round(pixels * (255.0 / 65535.0)), 0, 255).astype(np.uint8)  # 16-bit range
+        return np.repeat(gray[..., None], 3, axis=-1)
+    return np.asarray(image.convert("RGB"))
 
 
 def load(path: str, batch_size: int = 32) -> Classifier:

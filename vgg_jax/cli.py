@@ -50,6 +50,18 @@ def _unknown_field(error: BaseException, argv: Sequence[str]) -> str | None:
     return None
 
 
+def last_override_wins(argv: Sequence[str]) -> list[str]:
+    """Drops all but the last ``--section.field=...`` of each field: ml-collections would otherwise append the
+    values of a tuple field given twice (``eval_scales=(36,)`` then ``=(20,)`` is ``(36, 20)``), where a later
+    override (e.g. a sweep run's, after the common ones) is meant to replace an earlier one."""
+    last = {}
+    for i, arg in enumerate(argv):
+        name = arg.split("=", 1)[0]
+        if arg.startswith("--") and "." in name and "=" in arg:
+            last[name] = i
+    return [a for i, a in enumerate(argv) if not (a.startswith("--") and last.get(a.split("=", 1)[0], i) != i)]
+
+
 def parse(
     argv: Sequence[str] | None, define: DefineFlags, prog: str, doc: str = ""
 ) -> tuple[flags.FlagValues, list[str]]:
@@ -59,7 +71,7 @@ def parse(
     Help (``--help``, ``--helpfull``) prints and exits 0; a bad flag value or a misspelt config field
     prints one line and exits 2. Each call has its own flags, so commands can run in one process.
     """
-    args = list(sys.argv[1:] if argv is None else argv)
+    args = last_override_wins(sys.argv[1:] if argv is None else argv)
     full = [prog, *args]
     values = flags.FlagValues()
     flags.DEFINE_bool(

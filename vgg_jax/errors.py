@@ -14,3 +14,7 @@ class ConfigError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint is missing, damaged, or does not fit the run or model asked for."""
+
+
+class TrainingDiverged(UserError):
+    """The loss or the gradient became non-finite; the message says which checkpoint a rerun resumes from."""

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import functools
 import json
@@ -24,7 +25,8 @@ from ml_collections import config_flags
 
 from vgg_jax import cli, data, models, sharding
 from vgg_jax.classifier import load
-from vgg_jax.data.config import VIEWS, default_data_config, train_scale
+from vgg_jax.config_checks import check_scales, parse_protocol
+from vgg_jax.data.config import default_data_config, train_scale
 from vgg_jax.errors import ConfigError
 from vgg_jax.train_step import topk_correct
 
@@ -150,6 +152,7 @@ class Member:
     apply_fn: ApplyFn
     variables: Any
     data_config: ml_collections.ConfigDict
+    class_names: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass
@@ -162,20 +165,9 @@ class Pass:
     index: np.ndarray  # int [n]
     label: np.ndarray  # int [n]
     posteriors: np.ndarray  # float32 [n, classes]
+    file_name: np.ndarray  # str [n] ('' where the dataset names no files)
     skipped: int  # undecodable images of this process in the pass
     split_size: int
-
-
-def parse_protocol(protocol: str) -> tuple[str, ...]:
-    """'dense+multicrop' -> ('dense', 'multicrop'); a clear error for unknown methods."""
-    methods = tuple(protocol.split("+"))
-    unknown = [m for m in methods if m not in VIEWS]
-    if unknown or len(set(methods)) != len(methods):
-        raise ConfigError(
-            f"Unknown or repeated evaluation method(s) in protocol {protocol!r}: use one of {', '.join(VIEWS)} "
-            "or several joined by '+', e.g. 'dense+multicrop'."
-        )
-    return methods
 
 
 def paper_scales(data_config: ml_collections.ConfigDict) -> tuple[int, int, int]:
@@ -215,28 +207,28 @@ def run_pass(member: Member, method: str, scale: int, mesh: jax.sharding.Mesh, b
     collected: list[tuple[np.ndarray, ...]] = []
     pending = None
 
-    def fetch(outputs: tuple[jax.Array, ...]) -> None:
-        posteriors, index, label, valid = (_local_rows(a) for a in outputs)
-        collected.append((index[valid], label[valid], posteriors[valid]))
+    def fetch(posteriors: jax.Array, local: dict[str, np.ndarray]) -> None:
+        valid = local["valid"]
+        names = np.asarray([n.decode() for n in local["file_name"][valid]], dtype=object)
+        collected.append((local["index"][valid], local["label"][valid], _local_rows(posteriors)[valid], names))
 
     for batch in batches:
-        arrays = sharding.to_global({k: batch[k] for k in (*_FIELDS[method], "index", "label", "valid")}, mesh)
-        inputs = {k: arrays[k] for k in _FIELDS[method]}
+        inputs = sharding.to_global({k: batch[k] for k in _FIELDS[method]}, mesh)
         posteriors = _posteriors_step(member.variables, inputs, apply_fn=member.apply_fn, method=method)
         if pending is not None:
-            fetch(pending)
-        pending = (posteriors, arrays["index"], arrays["label"], arrays["valid"])
+            fetch(*pending)
+        pending = (posteriors, {k: batch[k] for k in ("index", "label", "valid", "file_name")})
     if pending is not None:
-        fetch(pending)
+        fetch(*pending)
     if not collected:
-        raise ValueError(f"The evaluation split {member.data_config.eval_split!r} is empty: choose another --split.")
-    index, label, posteriors = (np.concatenate(parts) for parts in zip(*collected))
+        raise ConfigError(f"The evaluation split {member.data_config.eval_split!r} is empty: choose another split.")
+    index, label, posteriors, names = (np.concatenate(parts) for parts in zip(*collected))
     order = np.argsort(index, kind="stable")
-    index, label, posteriors = index[order], label[order], posteriors[order]
+    index, label, posteriors, names = index[order], label[order], posteriors[order], names[order]
     twice = index[1:][index[1:] == index[:-1]]
     if len(twice):
         raise RuntimeError(f"{method} at Q={scale}: image {twice[0]} of the split came back twice in one pass.")
-    return Pass(member.name, method, scale, index, label, posteriors, len(batches.skipped), batches.num_examples)
+    return Pass(member.name, method, scale, index, label, posteriors, names, len(batches.skipped), batches.num_examples)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,6 +255,7 @@ class Report:
     rows: list[Row]
     results: dict[str, float]
     train_scales: dict[str, str]  # per model name: its training scale S, for the table
+    final: Pass  # this process's images with the protocol's final posteriors (all passes averaged)
 
     def markdown(self) -> str:
         lines = [
@@ -381,13 +374,15 @@ def evaluate_members(
         raise ValueError(f"Model names must be unique in an ensemble, got {names}.")
     methods = parse_protocol(protocol)
     scales = tuple(int(s) for s in (scales or members[0].data_config.eval_scales))
-    if not scales:
-        raise ValueError("No test scales: pass scales=... or set data.eval_scales.")
+    for m in members:
+        check_scales(scales, m.data_config.crop_size, "--scales")
+    batch_size = sharding.round_up_batch(batch_size, mesh, "evaluation batch")
     members = [dataclasses.replace(m, variables=on_mesh(m.variables, mesh)) for m in members]
     passes = [run_pass(m, method, q, mesh, batch_size) for m in members for method in methods for q in scales]
     rows, results = combine(passes, names, methods, scales)
     scales_s = {m.name: train_scale(m.data_config.scale_min, m.data_config.scale_max) for m in members}
-    return Report(rows, results, scales_s)
+    final = sum(p.posteriors.astype(np.float64) for p in passes) / len(passes)
+    return Report(rows, results, scales_s, dataclasses.replace(passes[0], method=protocol, posteriors=final))
 
 
 def evaluate(
@@ -429,6 +424,13 @@ def define_flags(values: flags.FlagValues, argv: list[str]) -> None:
     flags.DEFINE_string(
         "out", None, "Directory for the JSON and markdown results (default: <workdir>/eval).", flag_values=values
     )
+    flags.DEFINE_string(
+        "predictions",
+        None,
+        "Also write one CSV row per evaluated image here: file name, label, the top-5 classes "
+        "and their posteriors under the protocol.",
+        flag_values=values,
+    )
     config_flags.DEFINE_config_dict(
         "data",
         default_data_config(),
@@ -461,7 +463,7 @@ def members_from_paths(paths: Sequence[str], overrides: Mapping[str, Any]) -> li
         if model.class_names != loaded[0].class_names:
             raise ConfigError(f"{paths[i]} predicts other classes than {paths[0]}: an ensemble needs the same classes.")
         name = f"{model.config.model.name}#{i}" if len(paths) > 1 else model.config.model.name
-        members.append(Member(name, model.apply_fn, model.variables, data_config))
+        members.append(Member(name, model.apply_fn, model.variables, data_config, tuple(model.class_names)))
     return members
 
 
@@ -522,7 +524,64 @@ def main(argv: Sequence[str] | None = None) -> Report:
         print(report.markdown())
         print(json.dumps(report.results))
         print(f"Wrote {stem}.json and {stem}.md", file=sys.stderr)
+    if values.predictions:
+        write_predictions(values.predictions, report.final, members[0].data_config, members[0].class_names)
     return report
+
+
+def _allgather_rows(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every process's rows, concatenated in process order (strings as fixed-width UTF-8 bytes)."""
+    if jax.process_count() == 1:
+        return rows
+    n = len(next(iter(rows.values())))
+    counts = multihost_utils.process_allgather(np.array([n])).reshape(-1)
+    out = {}
+    for key, column in rows.items():
+        text = column.dtype == object
+        if text:
+            encoded = [str(v).encode() for v in column]
+            width = int(multihost_utils.process_allgather(np.array([max(map(len, encoded), default=0)])).max())
+            column = np.array([np.frombuffer(e.ljust(width, b"\0"), np.uint8) for e in encoded]).reshape(n, width)
+        padded = np.zeros((int(counts.max()), *column.shape[1:]), column.dtype)
+        padded[:n] = column
+        gathered = multihost_utils.process_allgather(padded)
+        parts = np.concatenate([gathered[p, : counts[p]] for p in range(len(counts))])
+        if text:
+            parts = np.array([bytes(r).rstrip(b"\0").decode() for r in parts], dtype=object)
+        out[key] = parts
+    return out
+
+
+def write_predictions(path: str, final: Pass, data_config: ml_collections.ConfigDict, names: Sequence[str]) -> None:
+    """One CSV row per evaluated image (all processes'): split index, file name, label, the top-5 classes and
+    their posteriors. Process 0 writes it."""
+    k = min(5, final.posteriors.shape[1])
+    top = np.argsort(-final.posteriors, axis=1, kind="stable")[:, :k]
+    rows = _allgather_rows(
+        {
+            "index": final.index,
+            "file_name": final.file_name,
+            "label": final.label,
+            "top": top,
+            "score": np.take_along_axis(final.posteriors, top, axis=1),
+        }
+    )
+    if jax.process_index() != 0:
+        return
+    order = np.argsort(rows["index"], kind="stable")
+    header = ["index", "file_name", "label", "label_name"]
+    header += [f"{c}{i}" for i in range(1, k + 1) for c in ("top", "score")]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow(header)
+        for i in order:
+            name = rows["file_name"][i] or f"{data_config.dataset} {data_config.eval_split}[{rows['index'][i]}]"
+            cells = [int(rows["index"][i]), name, int(rows["label"][i]), names[int(rows["label"][i])]]
+            for c, p in zip(rows["top"][i], rows["score"][i]):
+                cells += [int(c), f"{p:.6g}"]
+            out.writerow(cells)
+    print(f"Wrote {len(order)} predictions to {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

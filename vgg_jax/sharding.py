@@ -116,6 +116,23 @@ def split_batch(
     return global_batch_size // num_processes
 
 
+def round_up_batch(batch_size: int, mesh: Mesh, what: str = "batch") -> int:
+    """The smallest multiple of the data-parallel devices (and processes) >= ``batch_size``, logged when it
+    differs: evaluation pads its last batches with rows that are not counted, so any size works."""
+    multiple = math.lcm(mesh.shape[DATA], jax.process_count())
+    padded = -(-max(batch_size, 1) // multiple) * multiple
+    if padded != batch_size:
+        logging.info(
+            "%s %d -> %d: a multiple of the %d data-parallel devices and %d processes",
+            what,
+            batch_size,
+            padded,
+            mesh.shape[DATA],
+            jax.process_count(),
+        )
+    return padded
+
+
 def log_batch(global_batch_size: int, mesh: Mesh, what: str = "batch") -> None:
     """One log line: the global, per-host and per-device size of a batch."""
     logging.info(

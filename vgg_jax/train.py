@@ -17,9 +17,9 @@ from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 from etils import epath
 
-from vgg_jax import checkpoints, data, evaluate, models, optim, preprocessing, sharding
+from vgg_jax import checkpoints, config_checks, data, evaluate, models, optim, preprocessing, sharding
 from vgg_jax.data.config import load_stats
-from vgg_jax.errors import ConfigError
+from vgg_jax.errors import ConfigError, TrainingDiverged
 from vgg_jax.train_step import TrainState, abstract_train_state, create_train_state, jit_train_step
 
 
@@ -66,7 +66,7 @@ def _check_convention(config: ml_collections.ConfigDict, meta: dict[str, Any]) -
     """Warns when the run feeds init_from's weights other pixels than they were trained on."""
     theirs = preprocessing.of_checkpoint(meta)
     ours = preprocessing.InputConvention.from_data_config(config.data)
-    if theirs.data_fields() != ours.data_fields():
+    if theirs != ours:
         logging.warning(
             "init_from %s was trained on inputs %s but this run normalises %s: set --config.data.mean_rgb, "
             "std_rgb and resize to its values (configs/transfer.py does) unless the change is intended.",
@@ -103,12 +103,27 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return config
 
 
+def check_before_training(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> list[str]:
+    """Everything training and its evaluations need, checked before step 1; returns the class names."""
+    sharding.split_batch(
+        config.global_batch_size,
+        num_processes=jax.process_count(),
+        num_devices=mesh.shape[sharding.DATA],
+        accum_steps=config.grad_accum_steps,
+    )
+    sharding.log_batch(config.global_batch_size, mesh, "training batch")
+    class_names = data.class_names(config.data)
+    data.num_examples(config.data, config.data.train_split)
+    data.num_examples(config.data, config.data.eval_split)  # the evaluation split exists
+    return class_names
+
+
 @dataclasses.dataclass
 class Start:
-    """Where a run starts: a fresh state, the newest checkpoint, or nothing to do (already finished)."""
+    """Where a run starts: a fresh state, the newest intact checkpoint, or nothing to do (finished)."""
 
     state: TrainState | None
-    data_state: dict[str, Any] | None
+    data_states: dict[int, Any] | None  # every process's iterator state, by process index
     meta: dict[str, Any] | None
     finished: dict[str, Any] | None  # the results of a run already trained to num_train_steps
 
@@ -116,17 +131,49 @@ class Start:
 def start_or_resume(
     config, model, tx, abstract: TrainState, shardings: Any, ckpt: checkpoints.Checkpointer, results_path: epath.Path
 ) -> Start:
-    """A fresh state, or the newest checkpoint's state, iterator position and schedule."""
-    latest = ckpt.latest_step()
+    """A fresh state, or the newest intact checkpoint's state, iterator positions and schedule."""
+    latest = ckpt.latest_intact_step()
     if latest is None:
         return Start(create_state(config, model, tx, shardings), None, None, None)
-    if latest >= config.num_train_steps and results_path.exists():
+    meta = checkpoints.read_meta(ckpt.directory / str(latest))
+    _check_resume_changes(config, meta, ckpt.directory.parent)
+    results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    if latest >= config.num_train_steps and results.get("step", 0) >= config.num_train_steps:
         ckpt.check(latest, abstract)  # the same model?
         logging.info("%s is already trained to step %d: nothing to do.", ckpt.directory, latest)
-        return Start(None, None, None, json.loads(results_path.read_text()))
-    state, data_state, meta = ckpt.restore(latest, abstract)
+        return Start(None, None, None, results)
+    state, data_states, meta = ckpt.restore(latest, abstract)
     logging.info("Resumed from %s at step %d", ckpt.directory, latest)
-    return Start(state, data_state, meta, None)
+    return Start(state, data_states, meta, None)
+
+
+def _check_resume_changes(config: ml_collections.ConfigDict, meta: dict[str, Any], workdir: epath.Path) -> None:
+    allowed, refused = config_checks.resume_changes(meta.get("config", {}), config)
+    if refused:
+        listed = ", ".join(map(str, refused))
+        fields = ",".join(c.field for c in refused)
+        raise ConfigError(
+            f"{workdir} was trained with other settings of what is trained: {listed}. Start a new run from its "
+            f"weights (--workdir=NEW --config.init_from={workdir}), or keep these changes knowingly with "
+            f"--config.allow_resume_changes={fields}."
+        )
+    if allowed:
+        logging.info("resuming with changes: %s", ", ".join(map(str, allowed)))
+
+
+def apply_learning_rate(state: TrainState, config: ml_collections.ConfigDict, plateau: optim.Plateau) -> TrainState:
+    """The learning rate the config asks for, written into a restored state whose rate lives in the optimizer
+    state (``constant``; ``plateau``: the base rate times decay_factor per decrease so far). The step-wise
+    schedules compute it from the step at every update."""
+    opt = config.optimizer
+    if opt.schedule not in ("constant", "plateau"):
+        return state
+    want = opt.learning_rate * (opt.decay_factor**plateau.decreases if opt.schedule == "plateau" else 1.0)
+    have = float(optim.current_learning_rate(state.opt_state))
+    if abs(have - want) <= 1e-7 * max(abs(want), 1e-30):
+        return state
+    logging.info("learning rate %g -> %g (as configured)", have, want)
+    return state.replace(opt_state=optim.set_learning_rate(state.opt_state, want))
 
 
 def plateau_update(state: TrainState, plateau: optim.Plateau, top1: float, step: int) -> TrainState:
@@ -140,20 +187,12 @@ def plateau_update(state: TrainState, plateau: optim.Plateau, top1: float, step:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains per ``config``, evaluating and checkpointing into ``workdir``; returns the final summary."""
-    if config.reset_head and not config.init_from:
-        raise ConfigError("reset_head=True replaces fc8 of the init_from run's parameters: set --config.init_from.")
+    config_checks.validate(config)  # before anything is read or written
     config = resolve(config)
     workdir = checkpoints.absolute(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = sharding.make_mesh(config.mesh.model)
-    sharding.split_batch(
-        config.global_batch_size,
-        num_processes=jax.process_count(),
-        num_devices=mesh.shape[sharding.DATA],
-        accum_steps=config.grad_accum_steps,
-    )
-    sharding.log_batch(config.global_batch_size, mesh, "training batch")
-    class_names = data.class_names(config.data)
+    class_names = check_before_training(config, mesh)
     model = models.from_config(config.model, num_classes=len(class_names), crop_size=config.data.crop_size)
     tx = optim.make_optimizer(config.optimizer, config.num_train_steps)
     plateau = optim.Plateau(
@@ -170,15 +209,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     results_path = workdir / "results.json"
     abstract, shardings = abstract_train_state(model, tx, mesh, config.mesh.model > 1)
-    start = start_or_resume(config, model, tx, abstract, shardings, ckpt, results_path)
+    try:
+        start = start_or_resume(config, model, tx, abstract, shardings, ckpt, results_path)
+    except Exception:
+        ckpt.close()
+        raise
     if start.finished is not None:
         ckpt.close()
         return start.finished
     state = start.state
     train_iter = data.create_train_iterator(config.data, global_batch_size=config.global_batch_size, seed=config.seed)
-    if start.data_state is not None:
-        train_iter.set_state(start.data_state)
+    pending_eval = False
+    if start.data_states is not None:
+        relayout = train_iter.resume(start.data_states)
+        if relayout:
+            logging.warning("%s", relayout)
         plateau.load(start.meta["plateau"])
+        ckpt.scores.update({int(k): v for k, v in start.meta.get("scores", {}).items()})
+        pending_eval = bool(start.meta.get("pending_eval"))
+        state = apply_learning_rate(state, config, plateau)
     start_step = int(state.step)
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     if start_step == 0:
@@ -198,7 +247,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     step_fn = jit_train_step(shardings, sharding.batch_sharding(mesh), config.grad_accum_steps)
     preemption = PreemptionFlag()
 
+    def save(step: int, before_eval: bool) -> None:
+        meta = {
+            "step": step,
+            "plateau": plateau.state(),
+            "config": json.loads(config.to_json_best_effort()),
+            "class_names": class_names,
+            "scores": {str(k): v for k, v in ckpt.scores.items()},
+            "pending_eval": before_eval,  # saved before this step's evaluation: a resume evaluates first
+        }
+        ckpt.save(step, state, train_iter.get_state(), meta)
+
     def run_eval(step: int) -> dict[str, float]:
+        nonlocal state
         variables = {"params": state.params} | ({"batch_stats": state.batch_stats} if state.batch_stats else {})
         results = evaluate.evaluate(
             state.apply_fn,
@@ -209,20 +270,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             batch_size=config.eval_batch_size,
         )
         writer.write_scalars(step, {f"eval/{k}": v for k, v in results.items()})
+        top1 = 1.0 - results[f"top1_error@{config.data.eval_scales[0]}"] / 100.0
+        ckpt.scores[step] = top1
+        if config.optimizer.schedule == "plateau":
+            state = plateau_update(state, plateau, top1, step)
         return results
-
-    def save(step: int, top1: float | None) -> None:
-        meta = {
-            "step": step,
-            "plateau": plateau.state(),
-            "config": json.loads(config.to_json_best_effort()),
-            "class_names": class_names,
-        }
-        ckpt.save(step, state, train_iter.get_state(), meta, top1=top1)
 
     train_metrics, last_eval, pending, started = None, None, None, time.time()
     step = start_step
     try:
+        if pending_eval:  # the checkpoint was saved before its evaluation: evaluate it now
+            last_eval = run_eval(step)
         while step < config.num_train_steps:
             local = next(train_iter)
             batch = sharding.to_global({"image": local["image"], "label": local["label"]}, mesh)
@@ -231,7 +289,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             # Checked one step late, so the host never waits for the device here; no checkpoint is
             # written before its step's check (below).
             if pending is not None:
-                _check_finite(*pending, ckpt.directory)
+                _check_finite(*pending, ckpt)
             pending = (step, step_metrics)
             train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
             for hook in hooks:
@@ -240,15 +298,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 writer.write_scalars(step, {f"train/{k}": v for k, v in train_metrics.compute().items()})
                 train_metrics = None
             preempted = preemption.reached(step, ckpt.manager)
-            top1 = None
-            if step % config.eval_every_steps == 0 or step == config.num_train_steps:
+            evaluating = not preempted and (step % config.eval_every_steps == 0 or step == config.num_train_steps)
+            if evaluating or preempted or step % config.checkpoint.every_steps == 0:
+                _check_finite(*pending, ckpt)
+                save(step, before_eval=evaluating)  # before the evaluation: no evaluation error loses training
+            if evaluating:
                 last_eval = run_eval(step)
-                top1 = 1.0 - last_eval[f"top1_error@{config.data.eval_scales[0]}"] / 100.0
-                if config.optimizer.schedule == "plateau":
-                    state = plateau_update(state, plateau, top1, step)
-            if step % config.checkpoint.every_steps == 0 or step == config.num_train_steps or preempted:
-                _check_finite(*pending, ckpt.directory)
-                save(step, top1)
             if preempted:
                 logging.warning("Preempted at step %d: checkpoint saved, stopping.", step)
                 break
@@ -272,13 +327,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return summary
 
 
-def _check_finite(step: int, step_metrics: Any, checkpoint_dir: epath.Path) -> None:
-    if float(step_metrics.finite.total) < 1.0:
-        raise FloatingPointError(
-            f"Non-finite loss or gradient at step {step} (that update was not applied). The newest "
-            f"checkpoint in {checkpoint_dir} is intact: lower the learning rate or check the data, then "
-            "rerun to resume from it."
+def _check_finite(step: int, step_metrics: Any, ckpt: checkpoints.Checkpointer) -> None:
+    if float(step_metrics.finite.total) >= 1.0:
+        return
+    ckpt.wait()
+    steps = ckpt.steps()
+    if not steps:
+        where = "No checkpoint was written yet: the rerun starts afresh."
+    else:
+        problems = checkpoints.verify_step(ckpt.directory / str(steps[-1]))
+        where = (
+            f"The newest checkpoint, step {steps[-1]}, is intact (its files match their checksums): a rerun "
+            "resumes from it."
+            if not problems
+            else f"The newest checkpoint, step {steps[-1]}, is damaged ({'; '.join(problems[:2])}): a rerun sets it "
+            "aside and resumes from the newest intact one."
         )
+    raise TrainingDiverged(
+        f"Non-finite loss or gradient at step {step} (that update was not applied). {where} Lower the learning "
+        "rate (--config.optimizer.learning_rate=...; it applies on resume) or check the data, then rerun."
+    )
 
 
 def _flat_config(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:

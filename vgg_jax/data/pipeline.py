@@ -9,7 +9,7 @@ import dataclasses
 import functools
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -21,7 +21,7 @@ from vgg_jax import models, sharding
 from vgg_jax.data import sources, transforms
 from vgg_jax.data.config import BAD_IMAGE_POLICIES, MULTICROP_GRID, VIEWS, TransformConfig
 from vgg_jax.data.sources import DatasetError, Source
-from vgg_jax.errors import UserError
+from vgg_jax.errors import CheckpointError, UserError
 
 
 def setup_tensorflow() -> None:
@@ -113,8 +113,9 @@ def create_eval_iterator(
 ) -> EvalIterable:
     """Finite, re-iterable eval passes over ``data_config.eval_split`` at test scale ``scale`` (Q).
 
-    Batches hold 'image', 'label', 'index' (-1 on padding) and 'valid' (False on padding and on
-    undecodable images); every process yields the same number of batches. Views:
+    Batches hold 'image', 'label', 'index' (-1 on padding), 'valid' (False on padding and on
+    undecodable images) and 'file_name' (bytes; empty where the dataset names no files); every
+    process yields the same number of batches. Views:
     'center': image [b, crop, crop, 3], the centre crop at shorter side Q;
     'multicrop': image [b, 50, crop, crop, 3], the 5x5 grid then the same crops flipped;
     'dense': image [b, H, W, 3], the whole image at shorter side Q at the top-left of a canvas
@@ -215,20 +216,59 @@ class TrainIterator:
 
     def set_state(self, state: dict[str, Any]) -> None:
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"train iterator state version {state.get('version')} != {STATE_VERSION}: {state}")
+            raise CheckpointError(f"train iterator state version {state.get('version')} != {STATE_VERSION}: {state}")
         saved = state["layout"]
         diff = {k: (saved.get(k), v) for k, v in self._layout.items() if saved.get(k) != v}
         if diff:
-            raise ValueError(
+            raise CheckpointError(
                 "the saved data-iterator state belongs to another input layout, so its position would name "
                 f"other examples; differing fields (saved, now): {diff}. Resume with the same dataset, split, "
                 "seed, process count and shuffle sizes, or start the data order afresh (no set_state)."
             )
         if not 0 <= int(state["position"]) < self._layout["examples"]:
-            raise ValueError(f"state position {state['position']} outside [0, {self._layout['examples']}).")
+            raise CheckpointError(f"state position {state['position']} outside [0, {self._layout['examples']}).")
         self._epoch, self._position = int(state["epoch"]), int(state["position"])
         self._reporter.count = int(state["skipped"])
         self._it = None
+
+    def resume(self, states: Mapping[int, dict[str, Any]]) -> str | None:
+        """Continues after a checkpoint's iterator states (every process's, by process index).
+
+        The same layout: exactly after the last batch this process returned. Another process count:
+        the number of examples consumed over all processes is what is kept. Each process continues the
+        same epoch at the same fraction of its new shard, so until that epoch ends some examples may be
+        seen twice or not at all; later epochs are whole. Returns a message saying so (None: exact).
+        """
+        mine = states.get(self._layout["process_index"])
+        if mine is not None and mine.get("layout") == self._layout:
+            self.set_state(mine)
+            return None
+        saved = [states[i] for i in sorted(states)]
+        old = saved[0]["layout"]
+        fixed = ("dataset", "split", "seed", "shuffle_chunk", "shuffle_buffer")
+        diff = {k: (old.get(k), self._layout[k]) for k in fixed if old.get(k) != self._layout[k]}
+        if diff or any(s.get("version") != STATE_VERSION for s in saved):
+            raise CheckpointError(
+                "the saved data-iterator states belong to another input (differing fields, saved and now: "
+                f"{diff}); resume with the same dataset, split, seed and shuffle sizes."
+            )
+        if sorted(states) != list(range(old["process_count"])):
+            raise CheckpointError(
+                f"the checkpoint holds iterator states of processes {sorted(states)} but was written by "
+                f"{old['process_count']}: it is incomplete."
+            )
+        total = sum(s["layout"]["examples"] for s in saved)
+        consumed = sum(s["epoch"] * s["layout"]["examples"] + s["position"] for s in saved)
+        epoch, within = divmod(consumed, total)
+        position = min(round(within / total * self._layout["examples"]), self._layout["examples"] - 1)
+        self._epoch, self._position, self._it = epoch, position, None
+        self._reporter.count = sum(int(s["skipped"]) for s in saved) if self._layout["process_index"] == 0 else 0
+        return (
+            f"input layout changed ({old['process_count']} -> {self._layout['process_count']} processes): "
+            f"{consumed} examples were consumed ({within} of {total} in epoch {epoch}); this process continues "
+            f"epoch {epoch} at example {position} of its {self._layout['examples']}, in the new layout's order, so "
+            "until this epoch ends some examples may be seen twice or not at all; later epochs are whole."
+        )
 
 
 class EvalIterable:
@@ -527,6 +567,7 @@ def _eval_elements(
             index=tf.cast(el["index"], tf.int32),
             valid=tf.constant(True),
             key=tf.constant(""),
+            file_name=ex["file_name"],
         )
 
     def fallback(el: dict) -> dict:
@@ -537,6 +578,7 @@ def _eval_elements(
             index=tf.cast(el["index"], tf.int32),
             valid=tf.constant(False),
             key=_key(source, split, el["index"], ex["file_name"]),
+            file_name=ex["file_name"],
         )
 
     ds = ds.apply(_guarded(process, fallback, parallel))
@@ -547,7 +589,12 @@ def _padded(ds: tf.data.Dataset, count: int, num_batches: int, batch: int, dummy
     """Append invalid rows after ``count`` examples up to ``num_batches`` full batches."""
     pad = tf.data.Dataset.range(num_batches * batch - count).map(
         lambda _: dict(
-            dummy(), label=tf.constant(0), index=tf.constant(-1), valid=tf.constant(False), key=tf.constant("")
+            dummy(),
+            label=tf.constant(0),
+            index=tf.constant(-1),
+            valid=tf.constant(False),
+            key=tf.constant(""),
+            file_name=tf.constant(""),
         )
     )
     return ds.concatenate(pad).batch(batch)

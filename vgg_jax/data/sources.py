@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import fcntl
 import functools
 import hashlib
 import os
 import re
+import tarfile
 from collections.abc import Iterator
 from typing import Any
 
 import tensorflow_datasets as tfds
+from tensorflow_datasets.datasets.imagenet2012 import imagenet2012_dataset_builder as imagenet_builder
+from tensorflow_datasets.datasets.imagenet2012 import imagenet_common
 
 from vgg_jax.data import demo
 from vgg_jax.errors import UserError
@@ -150,19 +154,61 @@ def _imagenet_builder(loc: DataLocation) -> tfds.core.DatasetBuilder:
             "TFRecords go, about 150 GB>). The first run then prepares the dataset once (hours), or "
             "prepare it beforehand with: tfds build imagenet2012 --manual_dir=<folder> --data_dir=<dir>."
         )
-    _prepare(builder, download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
-    return builder
+    preparer = Imagenet2012(data_dir=loc.data_dir)  # labels validation images by file number
+    _prepare(preparer, download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    return tfds.builder("imagenet2012", data_dir=loc.data_dir)
+
+
+VAL_NAME = re.compile(r"ILSVRC2012_val_(\d{8})\.JPEG", re.IGNORECASE)
+
+
+def validation_labels(names: list[str], labels: list[str]) -> dict[str, str]:
+    """``ILSVRC2012_val_NNNNNNNN.JPEG`` -> line NNNNNNNN (1-based) of ``labels``, whatever else the archive
+    holds; DatasetError naming the first file without such a number."""
+    out = {}
+    for name in names:
+        found = VAL_NAME.fullmatch(os.path.basename(name))
+        number = int(found.group(1)) if found else 0
+        if not 1 <= number <= len(labels):
+            raise DatasetError(
+                f"{IMAGENET_TARS['validation']} holds {name!r}, which is not ILSVRC2012_val_NNNNNNNN.JPEG with "
+                f"NNNNNNNN in 1..{len(labels)}: its label cannot be known. Remove it, or restore the original archive."
+            )
+        out[name] = labels[number - 1]
+    return out
+
+
+class Imagenet2012(imagenet_builder.Builder, skip_registration=True):
+    """TFDS's ``imagenet2012`` builder, but each validation image labelled by the number in its file name.
+
+    TFDS pairs the sorted validation file names present with the first lines of its label list, which
+    mislabels a partial or renamed archive without an error. Same name, version and output: the stock
+    builder reads what this one prepares.
+    """
+
+    name = "imagenet2012"
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> list:
+        splits = super()._split_generators(dl_manager)
+        for split in splits:
+            if "validation_labels" in split.gen_kwargs:
+                labels = tfds.core.tfds_path(imagenet_common._VALIDATION_LABELS_FNAME).read_text().split()
+                with tarfile.open(os.path.join(dl_manager.manual_dir, IMAGENET_TARS["validation"])) as tar:
+                    split.gen_kwargs["validation_labels"] = validation_labels(tar.getnames(), labels)
+        return splits
 
 
 def _tfds_builder(loc: DataLocation) -> tfds.core.DatasetBuilder:
     name = loc.dataset
     try:
         builder = tfds.builder(name, data_dir=loc.data_dir)
-    except tfds.core.registered.DatasetNotFoundError as e:
+    except tfds.core.registered.DatasetNotFoundError:
+        close = difflib.get_close_matches(name.split("/")[0], ["vgg_jax_demo", "folder", *tfds.list_builders()], n=3)
+        hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
         raise DatasetError(
-            f"unknown dataset {name!r}: use 'vgg_jax_demo' (built in), 'imagenet2012', 'folder' (with "
-            f"--config.data.folder) or a TFDS image-classification dataset name.\n{e}"
-        ) from e
+            f"unknown dataset {name!r}{hint}: set --config.data.dataset to 'vgg_jax_demo' (built in), "
+            "'imagenet2012', 'folder' (with --config.data.folder) or a TFDS image-classification dataset name."
+        ) from None
     if not builder.is_prepared():
         if not loc.download:
             raise DatasetError(
@@ -226,6 +272,13 @@ def scan_folder(root: str) -> FolderIndex:
     class_names = tuple(sorted(d for d in os.listdir(train) if os.path.isdir(os.path.join(train, d))))
     if not class_names:
         raise DatasetError(f"{train} has no class sub-folders; expected {train}/<class>/*.jpg.")
+    for cls in class_names:
+        folder = os.path.join(train, cls)
+        if not any(n.lower().endswith(IMAGE_EXTENSIONS) for _, _, names in os.walk(folder) for n in names):
+            raise DatasetError(
+                f"class folder {folder} holds no {'/'.join(IMAGE_EXTENSIONS)} image: it would become a class that "
+                "no training image shows. Add its images or remove the folder."
+            )
     files = {}
     for split_dir in split_dirs:
         items = []
