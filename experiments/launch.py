@@ -60,9 +60,8 @@ def run_local(jobs: Sequence[Job], root: str, *, dry_run: bool = False, echo: Ca
         record(job, "start", command=job.command())
         started = time.time()
         with open(log, "a") as f:
-            code = subprocess.run(
-                [sys.executable, *job.args], cwd=sweeps.REPO, stdout=f, stderr=subprocess.STDOUT
-            ).returncode
+            proc = subprocess.Popen([sys.executable, *job.args], cwd=sweeps.REPO, stdout=f, stderr=subprocess.STDOUT)
+            code = _wait_reporting(proc, log, echo, prefix)
         seconds = round(time.time() - started, 1)
         if code != 0 or not is_done(job):
             record(job, "failed", seconds=seconds, exit_code=code)
@@ -97,6 +96,13 @@ def define_flags(values: flags.FlagValues, argv: list[str]) -> None:
     )
     string("base_config", None, "Paper sweep on this config (e.g. configs/demo.py), scales x crop/224.")
     string("only", None, "Comma-separated job names: run these and what they depend on.")
+    flags.DEFINE_integer(
+        "seeds",
+        1,
+        "Each configuration this many times (seeds 0..N-1, '-seed<k>' in the names): "
+        "the report then gives mean, spread and whether differences are real.",
+        flag_values=values,
+    )
     # Where.
     flags.DEFINE_enum("mode", "local", list(MODES), "Where the jobs run.", flag_values=values)
     string("root", None, "Directory (or gs:// URL) of the workdirs (default: runs/<sweep name>).")
@@ -114,14 +120,54 @@ def define_flags(values: flags.FlagValues, argv: list[str]) -> None:
     string("tpu", None, "tpu: the TPU VM name.")
     string("zone", None, "tpu: its zone.")
     string("project", "", "tpu: its project.")
+    string("install", tpu.TpuOptions.install, "tpu: run on every worker after the code is unpacked there.")
+    flags.DEFINE_bool("internal_ip", False, "tpu: reach the workers by internal IP.", flag_values=values)
+    flags.DEFINE_bool("tunnel_through_iap", False, "tpu: reach the workers through IAP.", flag_values=values)
+    flags.DEFINE_enum(
+        "create", "", ["", "spot", "reserved"], "tpu: create the slice first, as a queued resource.", flag_values=values
+    )
+    string("accelerator_type", "", "tpu: with --create, e.g. v5litepod-64.")
+    string("runtime_version", "", "tpu: with --create (default: the generation's TPU VM image).")
+    flags.DEFINE_integer(
+        "poll_seconds", 300, "tpu: how often run_all.sh asks worker 0 for a job's state.", flag_values=values
+    )
     flags.DEFINE_integer("nodes", 1, "slurm: nodes per job.", flag_values=values)
     flags.DEFINE_integer("gpus_per_node", 8, "slurm: GPUs per node.", flag_values=values)
     flags.DEFINE_enum("per", "gpu", ["gpu", "node"], "slurm: a process per GPU or per node.", flag_values=values)
     string("time", "3-00:00:00", "slurm: time limit per job (jobs requeue to continue).")
     string("partition", "", "slurm: partition.")
     string("account", "", "slurm: account.")
-    flags.DEFINE_integer("cpus_per_task", 0, "slurm: CPUs per process (0: cluster default).", flag_values=values)
+    flags.DEFINE_integer(
+        "cpus_per_task", 0, "slurm: CPUs per process (0: --cpus_per_gpu per GPU of the process).", flag_values=values
+    )
+    flags.DEFINE_integer(
+        "cpus_per_gpu",
+        12,
+        "slurm: host cores per GPU (the input pipeline's need, docs/benchmarks.md).",
+        flag_values=values,
+    )
+    string("mem_per_gpu", "48G", "slurm: host memory per GPU (--mem-per-gpu).")
+    flags.DEFINE_integer("eval_gpus", 1, "slurm: GPUs of an evaluation job (one node).", flag_values=values)
+    string("eval_time", "04:00:00", "slurm: time limit of an evaluation job.")
     flags.DEFINE_multi_string("sbatch", [], "slurm: extra sbatch option (repeatable).", flag_values=values)
+
+
+def _wait_reporting(
+    proc: subprocess.Popen, log: Path, echo: Callable[[str], None], prefix: str, every: float = 60.0
+) -> int:
+    """Waits for a job, echoing the newest progress line its log gained (clu's ReportProgress: rate, done/total,
+    ETA) every ``every`` seconds."""
+    last = ""
+    while True:
+        try:
+            return proc.wait(timeout=every)
+        except subprocess.TimeoutExpired:
+            notes = [
+                line for line in log.read_text(errors="replace").splitlines() if "Setting work unit notes:" in line
+            ]
+            if notes and notes[-1] != last:
+                last = notes[-1]
+                echo(f"{prefix}: {last.split('Setting work unit notes: ', 1)[1]}")
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[types.SimpleNamespace, list[str]]:
@@ -159,6 +205,7 @@ def build_sweep(args: types.SimpleNamespace, overrides: Sequence[str]) -> sweeps
             sweep = sweeps.paper(_split(args.nets), _split(args.scales), platform=platform, **options)
     else:
         sweep = sweeps.load(args.sweep, overrides)
+    sweep = sweep.with_seeds(args.seeds)
     return sweep.select(_split(args.only)) if args.only else sweep
 
 
@@ -190,14 +237,15 @@ def launch(args: types.SimpleNamespace, overrides: Sequence[str]) -> None:
         if not args.dry_run:
             print(f"All jobs finished. Report: python -m experiments.report {root}")
         return
-    done = {job.name for job in jobs if is_done(job)}
+    if remote and args.dry_run:  # a dry run touches no network: which jobs finished is checked when run
+        print(f"(a dry run does not read {root}: finished jobs are skipped when the commands run)")
+        done = set()
+    else:
+        done = {job.name for job in jobs if _finished(job)}
     for job in jobs:
         if job.name in done:
             print(f"{job.name}: finished already, not submitted")
     todo = [job for job in jobs if job.name not in done]
-    if args.dry_run:
-        print("\n".join(job.command(args.python or "python") for job in todo))
-        return
     if args.mode == "tpu" and not remote:
         print("Note: the workers of a pod share no disk; use a gs:// --root unless the TPU VM is a single host.")
     scripts = Path(args.scripts_dir or (f"{sweep.name}-{args.mode}" if remote else f"{root}/{args.mode}")).resolve()
@@ -207,13 +255,38 @@ def launch(args: types.SimpleNamespace, overrides: Sequence[str]) -> None:
         write_slurm(args, sweep.name, todo, scripts)
 
 
+def _finished(job: Job) -> bool:
+    """Whether a job finished; False (with a note) when its directory cannot be read from here."""
+    try:
+        return is_done(job)
+    except Exception as e:  # no credentials or no network for gs://: the workers check it themselves
+        print(f"{job.name}: could not check {job.path} from here ({type(e).__name__}); the job checks it itself")
+        return False
+
+
 def write_tpu(args: types.SimpleNamespace, jobs: Sequence[Job], scripts: Path) -> None:
     opts = tpu.TpuOptions(
-        args.tpu, args.zone, args.project, args.repo_dir or "vgg_jax", args.setup, args.python or "python3"
+        args.tpu,
+        args.zone,
+        args.project,
+        args.repo_dir or "vgg_jax",
+        args.setup,
+        args.install,
+        args.python or "python3",
+        args.internal_ip,
+        args.tunnel_through_iap,
+        args.create,
+        args.accelerator_type,
+        args.runtime_version,
+        args.poll_seconds,
     )
+    if args.dry_run:
+        print("\n".join(tpu.commands(jobs, opts)))
+        print(f"(dry run: nothing written; run_all.sh and {tpu.BUNDLE} would go to {scripts})")
+        return
     script, commands = tpu.write(jobs, opts, scripts)
     print("\n".join(commands))
-    print(f"Wrote {script} (the commands above, in order).")
+    print(f"Wrote {script} (the commands above, in order) and {scripts / tpu.BUNDLE} (the code for the workers).")
     if args.submit:
         _require("gcloud", script)
         subprocess.run(["bash", str(script)], check=True)
@@ -221,18 +294,29 @@ def write_tpu(args: types.SimpleNamespace, jobs: Sequence[Job], scripts: Path) -
 
 def write_slurm(args: types.SimpleNamespace, sweep: str, jobs: Sequence[Job], scripts: Path) -> None:
     opts = slurm.SlurmOptions(
-        args.repo_dir or str(sweeps.REPO),
-        args.nodes,
-        args.gpus_per_node,
-        args.per,
-        args.time,
-        args.partition,
-        args.account,
-        args.cpus_per_task,
-        tuple(args.sbatch),
-        args.setup,
-        args.python or "python",
+        repo_dir=args.repo_dir or str(sweeps.REPO),
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        per=args.per,
+        time=args.time,
+        partition=args.partition,
+        account=args.account,
+        cpus_per_task=args.cpus_per_task,
+        cpus_per_gpu=args.cpus_per_gpu,
+        mem_per_gpu=args.mem_per_gpu,
+        eval_gpus=args.eval_gpus,
+        eval_time=args.eval_time,
+        extra=tuple(args.sbatch),
+        setup=args.setup,
+        python=args.python or "python",
     )
+    if args.dry_run:
+        files = {job.name: f"{job.name}.sbatch" for job in jobs}
+        for job in jobs:
+            print(f"# {scripts / files[job.name]}\n{slurm.job_script(job, opts, sweep, str(scripts / 'logs'))}")
+        print(f"# {scripts / 'submit.sh'}\n{slurm.submit_script(jobs, files)}")
+        print(f"(dry run: nothing written or submitted; the scripts above would go to {scripts})")
+        return
     submit = slurm.write(jobs, opts, sweep, scripts)
     print(submit.read_text())
     print(f"Wrote {len(jobs)} sbatch scripts and {submit}.")

@@ -76,6 +76,9 @@ def run_job(run: Run, root: str, distributed: bool) -> Job:
         global_batch_size=int(config.global_batch_size),
         num_train_steps=steps,
         dataset=config.data.dataset,
+        train_split=config.data.train_split,
+        eval_split=config.data.eval_split,
+        seed=int(config.seed),
     )
     check = ("-m", "experiments.status", f"--run={workdir}", f"--steps={steps}")
     return Job(run.name, "train", args, check, run.after, workdir, facts)

@@ -1,6 +1,6 @@
 """The report's figures (matplotlib, Agg): training curves, error vs depth, LRN, fixed vs jittered scale.
 
-Each function returns a ``Figure``, or None when the sweep lacks the runs it compares.
+experiments/README.md#reports
 """
 
 from __future__ import annotations
@@ -13,27 +13,31 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from experiments.results import Scalars  # noqa: E402
+from experiments.status import Scalars  # noqa: E402
 from experiments.sweeps import SCALES  # noqa: E402
 
-SCALE_LABELS = {"256": "S = 256", "384": "S = 384", "256-512": "S in [256, 512]"}
 COLOURS = {"256": "tab:blue", "384": "tab:orange", "256-512": "tab:green"}
+METRICS = (("top1", "top-1"), ("top5", "top-5"))
 
 
 class Point(NamedTuple):
-    """One run's single-scale error (Table 3) and the paper's, if published."""
+    """One configuration's single-scale errors (Table 3), one value per seed, and the paper's if published."""
 
     net: str
-    scale: str
+    scale: str  # the paper's scale label ('256', '384', '256-512'): which of its runs this one mirrors
     depth: int  # weight layers
-    top1: float
-    top5: float
+    top1: tuple[float, ...]  # per seed, %
+    top5: tuple[float, ...]
     paper_top1: float | None
     paper_top5: float | None
+    s_label: str = ""  # the scale this run actually trained at, e.g. 'S = 110' or 'S in [112, 224]'
+
+    def values(self, metric: str) -> np.ndarray:
+        return np.asarray(getattr(self, metric), np.float64)
 
 
 def png(fig: Figure) -> bytes:
@@ -43,7 +47,7 @@ def png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
-def training_curves(name: str, scalars: Scalars) -> Figure | None:
+def training_curves(name: str, scalars: Scalars, data: str = "") -> Figure | None:
     """Loss, top-1 error (training batches and validation) and learning rate against the step."""
     if "train/loss" not in scalars:
         return None
@@ -51,9 +55,9 @@ def training_curves(name: str, scalars: Scalars) -> Figure | None:
     steps, values = zip(*scalars["train/loss"])
     loss_ax.plot(steps, values, color="tab:blue")
     loss_ax.set(title="training loss", xlabel="step", ylabel="cross-entropy")
-    if "train/top1" in scalars:
-        steps, values = zip(*scalars["train/top1"])
-        err_ax.plot(steps, [100 * (1 - v) for v in values], color="tab:blue", alpha=0.6, label="training batches")
+    if "train/top1_error" in scalars:
+        steps, values = zip(*scalars["train/top1_error"])
+        err_ax.plot(steps, values, color="tab:blue", alpha=0.6, label="training batches")
     for tag in sorted(t for t in scalars if t.startswith("eval/top1_error@")):
         steps, values = zip(*scalars[tag])
         err_ax.plot(steps, values, "o-", label=f"validation, Q = {tag.split('@')[1]}")
@@ -67,18 +71,42 @@ def training_curves(name: str, scalars: Scalars) -> Figure | None:
     for ax in (loss_ax, err_ax, lr_ax):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.suptitle(name)
+    fig.suptitle(f"{name}: {data}" if data else name)
     fig.tight_layout()
     return fig
 
 
-def _paper_legend(ax: plt.Axes) -> None:
-    ax.plot([], [], "ko-", label="ours")
-    ax.plot([], [], "k^--", markerfacecolor="none", label="paper")
+def _mean_and_spread(ax: plt.Axes, x: float, values: np.ndarray, colour: str, marker: str = "o") -> None:
+    """A mean with a one-standard-deviation bar and every seed's value as a dot."""
+    ax.errorbar(
+        x,
+        values.mean(),
+        yerr=values.std(ddof=1) if len(values) > 1 else None,
+        fmt=marker,
+        color=colour,
+        capsize=4,
+        markersize=7,
+    )
+    ax.scatter(np.full(len(values), x) + np.linspace(-0.08, 0.08, len(values)), values, s=12, color=colour, alpha=0.5)
 
 
-def error_vs_depth(points: Sequence[Point]) -> Figure | None:
-    """Top-1 / top-5 error per configuration, in order of depth (A, B, C, D, E), one line per training scale.
+def _published_panel(ax: plt.Axes, points: Sequence[Point], x_of: dict[str, int], ticks: Sequence[str]) -> None:
+    """The paper's top-1 (solid) and top-5 (dashed) errors, one colour per training scale."""
+    for scale in (s for s in SCALES if any(p.scale == s for p in points)):
+        ref = sorted((p for p in points if p.scale == scale), key=lambda p: x_of[p.net])
+        x = [x_of[p.net] for p in ref]
+        ax.plot(x, [p.paper_top1 for p in ref], "^-", color=COLOURS[scale], label=f"top-1, S = {scale}")
+        ax.plot(x, [p.paper_top5 for p in ref], "v--", color=COLOURS[scale], markerfacecolor="none", label="top-5")
+    ax.set_xticks(range(len(ticks)), list(ticks))
+    ax.set(title="published (paper, ImageNet validation):\nreference only, other data", ylabel="error (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def error_vs_depth(points: Sequence[Point], data: str = "", paper_on_same_axes: bool = False) -> Figure | None:
+    """Error per configuration in order of depth (A, B, C, D, E), one line per training scale: every seed's
+    value, their mean and one standard deviation. The paper's numbers share the axes only when the runs are
+    on its data (ImageNet); otherwise they get their own panel.
 
     C and D both have 16 weight layers (C's last conv of blocks 3-5 is 1x1), so the x axis is the
     configuration with its depth in the tick label.
@@ -88,99 +116,125 @@ def error_vs_depth(points: Sequence[Point]) -> Figure | None:
     if len(nets) < 2:
         return None
     x_of = {net: i for i, net in enumerate(nets)}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, metric in zip(axes, ("top1", "top5")):
+    depth = {p.net: p.depth for p in points}
+    ticks = [f"{n}\n({depth[n]} layers)" for n in nets]
+    published = [p for p in points if p.paper_top1 is not None]
+    separate = bool(published) and not paper_on_same_axes
+    fig, axes = plt.subplots(1, 3 if separate else 2, figsize=(16 if separate else 11, 4.2))
+    for ax, (metric, name) in zip(axes, METRICS):
         for scale in (s for s in SCALES if any(p.scale == s for p in points)):
             mine = sorted((p for p in points if p.scale == scale), key=lambda p: x_of[p.net])
+            colour = COLOURS[scale]
             ax.plot(
                 [x_of[p.net] for p in mine],
-                [getattr(p, metric) for p in mine],
-                "o-",
-                color=COLOURS[scale],
-                label=SCALE_LABELS[scale],
+                [p.values(metric).mean() for p in mine],
+                "-",
+                color=colour,
+                label=mine[0].s_label or scale,
             )
-            published = [
-                (x_of[p.net], getattr(p, f"paper_{metric}")) for p in mine if getattr(p, f"paper_{metric}") is not None
-            ]
-            if published:
-                ax.plot(*zip(*published), "^--", color=COLOURS[scale], markerfacecolor="none")
-        _paper_legend(ax)
-        depth = {p.net: p.depth for p in points}
-        ax.set_xticks(range(len(nets)), [f"{n}\n({depth[n]} layers)" for n in nets])
-        ax.set(
-            title=f"{'top-1' if metric == 'top1' else 'top-5'} error vs depth",
-            xlabel="configuration",
-            ylabel="validation error (%)",
-        )
+            for p in mine:
+                _mean_and_spread(ax, x_of[p.net], p.values(metric), colour)
+            if paper_on_same_axes:
+                ref = [(x_of[p.net], getattr(p, f"paper_{metric}")) for p in mine if getattr(p, f"paper_{metric}")]
+                if ref:
+                    ax.plot(*zip(*ref), "^--", color=colour, markerfacecolor="none", label=f"paper, {scale}")
+        ax.set_xticks(range(len(nets)), ticks)
+        ax.set(title=f"{name} error vs depth", xlabel="configuration", ylabel="validation error (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    if separate:
+        _published_panel(axes[2], published, x_of, ticks)
+    fig.suptitle(f"Error vs depth: {data}" if data else "Error vs depth")
     fig.tight_layout()
     return fig
 
 
-def _bars(ax: plt.Axes, x: float, height: float, width: float, colour: str, hatch: str = "") -> None:
-    bar = ax.bar(x, height, width, color=colour if not hatch else "white", edgecolor=colour, hatch=hatch)
-    ax.bar_label(bar, fmt="%.1f", fontsize=7)
+def _bar_panel(ax: plt.Axes, groups: Sequence[tuple[str, Point]], colours: Sequence[str], title: str) -> None:
+    """Per metric, one bar per group: mean, one standard deviation, every seed as a dot."""
+    width = 0.8 / len(groups)
+    for g, (metric, _) in enumerate(METRICS):
+        for k, ((label, p), colour) in enumerate(zip(groups, colours)):
+            x = g + (k - (len(groups) - 1) / 2) * width
+            values = p.values(metric)
+            bar = ax.bar(
+                x,
+                values.mean(),
+                width,
+                color=colour,
+                alpha=0.7,
+                yerr=values.std(ddof=1) if len(values) > 1 else None,
+                capsize=4,
+                label=label if g == 0 else None,
+            )
+            ax.bar_label(bar, fmt="%.1f", fontsize=7, padding=8)
+            ax.scatter(np.full(len(values), x), values, s=12, color="k", zorder=3)
+    ax.set_xticks([0, 1], [name for _, name in METRICS])
+    ax.set(title=title, ylabel="validation error (%)")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
 
 
-def lrn(points: Sequence[Point]) -> Figure | None:
-    """A against A-LRN at each training scale both were trained at: ours and the paper's."""
+def lrn(points: Sequence[Point], data: str = "", paper_on_same_axes: bool = False) -> Figure | None:
+    """A against A-LRN at each training scale both were trained at; the paper's in its own panel unless the
+    runs are on ImageNet."""
     scales = [s for s in SCALES if {("A", s), ("A-LRN", s)} <= {(p.net, p.scale) for p in points}]
     if not scales:
         return None
     by = {(p.net, p.scale): p for p in points}
-    nets = (("A", "tab:blue"), ("A-LRN", "tab:purple"))
-    fig, axes = plt.subplots(1, len(scales), figsize=(5.5 * len(scales), 4), squeeze=False)
+    published = all(by[(n, s)].paper_top1 is not None for n in ("A", "A-LRN") for s in scales)
+    extra = published and not paper_on_same_axes
+    fig, axes = plt.subplots(1, len(scales) + extra, figsize=(5.5 * (len(scales) + extra), 4.2), squeeze=False)
     for ax, scale in zip(axes[0], scales):
-        with_paper = all(by[(net, scale)].paper_top1 is not None for net, _ in nets)
-        width = 0.2 if with_paper else 0.3
-        for g, metric in enumerate(("top1", "top5")):
-            for k, (net, colour) in enumerate(nets):
-                p = by[(net, scale)]
-                _bars(ax, g + (k - (1.5 if with_paper else 0.5)) * width, getattr(p, metric), width, colour)
-                if with_paper:
-                    _bars(ax, g + (k + 0.5) * width, getattr(p, f"paper_{metric}"), width, colour, hatch="//")
-        ax.set_xticks([0, 1], ["top-1", "top-5"])
-        handles = [Patch(color=c, label=f"{n} (ours)") for n, c in nets]
-        if with_paper:
-            handles += [Patch(facecolor="white", edgecolor=c, hatch="//", label=f"{n} (paper)") for n, c in nets]
-        ax.set(title=f"LRN: A vs A-LRN, {SCALE_LABELS[scale]}", ylabel="validation error (%)")
-        ax.legend(handles=handles, fontsize=8)
-        ax.grid(axis="y", alpha=0.3)
+        groups = [("A", by[("A", scale)]), ("A-LRN", by[("A-LRN", scale)])]
+        if published and paper_on_same_axes:
+            groups += [
+                (
+                    f"{n} (paper)",
+                    by[(n, scale)]._replace(top1=(by[(n, scale)].paper_top1,), top5=(by[(n, scale)].paper_top5,)),
+                )
+                for n in ("A", "A-LRN")
+            ]
+        _bar_panel(
+            ax,
+            groups,
+            ["tab:blue", "tab:purple", "lightsteelblue", "plum"],
+            f"A vs A-LRN, {by[('A', scale)].s_label or scale}",
+        )
+    if extra:
+        scale = scales[0]
+        ref = [
+            (n, by[(n, scale)]._replace(top1=(by[(n, scale)].paper_top1,), top5=(by[(n, scale)].paper_top5,)))
+            for n in ("A", "A-LRN")
+        ]
+        _bar_panel(
+            axes[0][-1],
+            ref,
+            ["lightsteelblue", "plum"],
+            f"published (paper, ImageNet, S = {scale}):\nreference only, other data",
+        )
+    fig.suptitle(f"LRN: {data}" if data else "LRN")
     fig.tight_layout()
     return fig
 
 
-def fixed_vs_jittered(points: Sequence[Point]) -> Figure | None:
-    """Each net's error per training scale (fixed 256, fixed 384, jittered): bars ours, markers the paper's."""
+def fixed_vs_jittered(points: Sequence[Point], data: str = "", paper_on_same_axes: bool = False) -> Figure | None:
+    """Each net's error per training scale (fixed, jittered): bars of the seeds' mean with their spread."""
     nets = [n for n in dict.fromkeys(p.net for p in points) if len({p.scale for p in points if p.net == n}) > 1]
     if not nets:
         return None
     by = {(p.net, p.scale): p for p in points}
     scales = [s for s in SCALES if any(p.scale == s and p.net in nets for p in points)]
-    fig, axes = plt.subplots(2, 1, figsize=(max(7, 1.8 * len(nets)), 7.5))
-    width = 0.8 / len(scales)
-    for ax, metric in zip(axes, ("top1", "top5")):
-        for k, scale in enumerate(scales):
-            for i, net in enumerate(nets):
-                p = by.get((net, scale))
-                if p is None:
-                    continue
-                x = i + (k - (len(scales) - 1) / 2) * width
-                _bars(ax, x, getattr(p, metric), width, COLOURS[scale])
-                paper = getattr(p, f"paper_{metric}")
-                if paper is not None:
-                    ax.plot([x - width / 2, x + width / 2], [paper, paper], "k-", linewidth=2.5)
-        ax.set_xticks(range(len(nets)), nets)
-        ax.set(
-            title=f"{'top-1' if metric == 'top1' else 'top-5'} error",
-            xlabel="configuration",
-            ylabel="validation error (%)",
-        )
-        ax.grid(axis="y", alpha=0.3)
-    handles = [Patch(color=COLOURS[s], label=SCALE_LABELS[s]) for s in scales]
-    handles.append(plt.Line2D([], [], color="k", linewidth=2.5, label="paper"))
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=9, frameon=False)
-    fig.suptitle("fixed vs jittered training scale")
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig, axes = plt.subplots(1, len(nets), figsize=(5.5 * len(nets), 4.2), squeeze=False)
+    for ax, net in zip(axes[0], nets):
+        groups = [(by[(net, s)].s_label or s, by[(net, s)]) for s in scales if (net, s) in by]
+        colours = [COLOURS[s] for s in scales if (net, s) in by]
+        if paper_on_same_axes:
+            for s in scales:
+                p = by.get((net, s))
+                if p is not None and p.paper_top1 is not None:
+                    groups.append((f"paper, S = {s}", p._replace(top1=(p.paper_top1,), top5=(p.paper_top5,))))
+                    colours.append("lightgrey")
+        _bar_panel(ax, groups, colours, f"{net}: fixed vs jittered training scale")
+    fig.suptitle(f"Fixed vs jittered S: {data}" if data else "Fixed vs jittered S")
+    fig.tight_layout()
     return fig

@@ -13,8 +13,7 @@ from etils import epath
 
 from experiments import status
 from experiments.plan import EVALS_DIR, MANIFEST
-
-Scalars = dict[str, list[tuple[int, float]]]
+from experiments.status import Scalars, read_scalars
 
 
 @dataclasses.dataclass
@@ -51,8 +50,8 @@ class EvalResult:
         """(top-1, top-5 error %, images) of the final combination (all scales, methods, models)."""
         if not self.record:
             return None
-        r = self.record["results"]
-        return r["top1_error"], r["top5_error"], int(r["images"])
+        final = self.record["rows"][-1]  # all scales, methods and models combined
+        return final["top1_error"], final["top5_error"], int(final["images"])
 
     def test_scales(self) -> list[int]:
         return list(self.record["rows"][-1]["scales"]) if self.record else []
@@ -66,22 +65,6 @@ class Results:
 
     def run(self, name: str) -> RunResult | None:
         return next((r for r in self.runs if r.name == name), None)
-
-
-def read_scalars(workdir: str) -> Scalars:
-    """Every scalar of the run's event files; a step written twice (after a resume) keeps the later value."""
-    files = sorted(epath.Path(workdir).glob("events.out.tfevents.*"), key=lambda p: (int(p.name.split(".")[3]), p.name))
-    if not files:
-        return {}
-    import tensorflow as tf  # noqa: PLC0415  (slow import, only when there is something to read)
-
-    values: dict[str, dict[int, float]] = {}
-    for f in files:
-        for event in tf.compat.v1.train.summary_iterator(str(f)):
-            for v in event.summary.value:
-                if v.metadata.plugin_data.plugin_name == "scalars" and v.HasField("tensor"):
-                    values.setdefault(v.tag, {})[int(event.step)] = float(tf.make_ndarray(v.tensor))
-    return {tag: sorted(steps.items()) for tag, steps in values.items()}
 
 
 def _json(path: epath.Path) -> dict[str, Any] | None:
@@ -115,6 +98,9 @@ def _run_facts(workdir: epath.Path) -> dict[str, Any]:
         global_batch_size=int(config["global_batch_size"]),
         num_train_steps=int(config["num_train_steps"]),
         dataset=data["dataset"],
+        train_split=data["train_split"],
+        eval_split=data["eval_split"],
+        seed=int(config["seed"]),
     )
 
 

@@ -23,7 +23,13 @@ class SlurmOptions:
     time: str = "3-00:00:00"
     partition: str = ""
     account: str = ""
-    cpus_per_task: int = 0  # 0: the cluster's default
+    cpus_per_task: int = 0  # 0: cpus_per_gpu for each GPU of a task
+    # Host cores and memory per GPU: the input pipeline needs 10-12 cores per GPU to feed VGG-16 on an H100
+    # (docs/benchmarks.md, "Input pipeline"), and host memory for its shuffle windows and prefetched batches.
+    cpus_per_gpu: int = 12
+    mem_per_gpu: str = "48G"
+    eval_gpus: int = 1  # evaluations run in their own small allocation: one node, this many GPUs
+    eval_time: str = "04:00:00"
     extra: tuple[str, ...] = ()  # more sbatch options, e.g. ('--qos=high', '--exclusive')
     setup: str = ""  # shell lines run before srun (module load ..., source .venv/bin/activate)
     python: str = "python"
@@ -38,27 +44,30 @@ class SlurmOptions:
         if bad:
             raise ValueError(f"extra sbatch options must look like '--option=value', got {bad}.")
 
-    @property
-    def tasks_per_node(self) -> int:
-        return self.gpus_per_node if self.per == "gpu" else 1
-
 
 def job_script(job: Job, opts: SlurmOptions, sweep: str, log_dir: str) -> str:
-    """The sbatch script of one job."""
+    """The sbatch script of one job: training runs on the full allocation, evaluations on a small one."""
+    evaluation = job.kind == "eval"
+    nodes, gpus = (1, opts.eval_gpus) if evaluation else (opts.nodes, opts.gpus_per_node)
+    tasks = gpus if opts.per == "gpu" else 1
+    cpus = opts.cpus_per_task or opts.cpus_per_gpu * (gpus // tasks)
     sbatch = [
         f"--job-name={sweep}-{job.name}",
-        f"--nodes={opts.nodes}",
-        f"--ntasks-per-node={opts.tasks_per_node}",
-        f"--gpus-per-node={opts.gpus_per_node}",
-        f"--time={opts.time}",
-        f"--output={log_dir}/%x-%j.out",
+        f"--nodes={nodes}",
+        f"--ntasks-per-node={tasks}",
+        f"--gpus-per-node={gpus}",
+        f"--cpus-per-task={cpus}",
+        f"--time={opts.eval_time if evaluation else opts.time}",
+        f"--output={log_dir}/{job.name}-%j.out",
         "--open-mode=append",
         "--requeue",
         f"--signal=TERM@{opts.signal_seconds}",
     ]
-    sbatch += [f"--cpus-per-task={opts.cpus_per_task}"] if opts.cpus_per_task else []
     sbatch += [f"--partition={opts.partition}"] if opts.partition else []
     sbatch += [f"--account={opts.account}"] if opts.account else []
+    # --mem, --mem-per-cpu and --mem-per-gpu exclude each other: a memory option in extra replaces ours.
+    if not any(e.startswith(("--mem=", "--mem-per-cpu=", "--mem-per-gpu=")) for e in opts.extra):
+        sbatch.insert(5, f"--mem-per-gpu={opts.mem_per_gpu}")
     sbatch += list(opts.extra)
     lines = [
         "#!/usr/bin/env bash",
@@ -69,10 +78,12 @@ def job_script(job: Job, opts: SlurmOptions, sweep: str, log_dir: str) -> str:
         f"cd {shlex.quote(opts.repo_dir)}",
     ]
     lines += [opts.setup] if opts.setup else []
-    if opts.cpus_per_task:
-        lines.append("export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK  # srun does not inherit --cpus-per-task")
+    lines.append(
+        'if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK; fi'
+        "  # srun does not inherit --cpus-per-task"
+    )
     if opts.per == "node":
-        devices = ",".join(map(str, range(opts.gpus_per_node)))
+        devices = ",".join(map(str, range(gpus)))
         lines.append(f"export JAX_LOCAL_DEVICE_IDS={devices}  # all GPUs of the node")
     check = job.check_command(opts.python)
     lines += [

@@ -6,6 +6,7 @@ experiments/README.md#layout-of-a-sweep-root
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Sequence
 
@@ -47,15 +48,61 @@ def eval_done(out: str, protocol: str) -> bool:
     return eval_result(out, protocol) is not None
 
 
-def describe(job: dict) -> str:
-    """'done', 'step k of N', 'not started' or 'pending' for a job of ``sweep.json``."""
+Scalars = dict[str, list[tuple[int, float]]]
+
+
+def read_scalars(workdir: str) -> Scalars:
+    """Every scalar of the run's event files; a step written twice (after a resume) keeps the later value."""
+    files = sorted(epath.Path(workdir).glob("events.out.tfevents.*"), key=lambda p: (int(p.name.split(".")[3]), p.name))
+    if not files:
+        return {}
+    import tensorflow as tf  # noqa: PLC0415  (slow import, only when there is something to read)
+
+    values: dict[str, dict[int, float]] = {}
+    for f in files:
+        try:
+            for record in tf.data.TFRecordDataset(str(f)):
+                event = tf.compat.v1.Event.FromString(record.numpy())
+                for v in event.summary.value:
+                    if v.metadata.plugin_data.plugin_name == "scalars" and v.HasField("tensor"):
+                        values.setdefault(v.tag, {})[int(event.step)] = float(tf.make_ndarray(v.tensor))
+        except tf.errors.DataLossError:  # a running job is writing its last record: keep what was read
+            continue
+    return {tag: sorted(steps.items()) for tag, steps in values.items()}
+
+
+def progress(workdir: str, steps: int, global_batch: int) -> str:
+    """', 1234 img/s, ETA 5.2 h' from the run's latest logged steps/s (clu's ReportProgress), or ''."""
+    rates = read_scalars(workdir).get("steps_per_sec")
+    if not rates:
+        return ""
+    step, rate = rates[-1]
+    hours = (steps - step) / max(rate, 1e-9) / 3600
+    return f", {rate * global_batch:.0f} img/s at step {step}, ETA {hours:.1f} h"
+
+
+def describe(job: dict, with_progress: bool = False) -> str:
+    """'done', 'step k of N' (with throughput and ETA when asked), 'not started' or 'pending'."""
     if job["kind"] == "train":
         steps = job["facts"]["num_train_steps"]
         if run_done(job["path"], steps):
             return "done"
         step = max(run_step(job["path"]), checkpoint_step(job["path"]))
-        return f"step {step} of {steps}" if step else "not started"
+        if not step:
+            return "not started"
+        extra = progress(job["path"], steps, job["facts"]["global_batch_size"]) if with_progress else ""
+        return f"step {step} of {steps}{extra}"
     return "done" if eval_done(job["path"], job["facts"]["protocol"]) else "pending"
+
+
+def count(jobs: Sequence[dict], states: Sequence[str]) -> str:
+    """'12 jobs (4 configurations, 3 seeds): 5 done, 1 running, 6 to do'."""
+    seeds = {j["facts"].get("seed") for j in jobs if j["kind"] == "train"} - {None}
+    configurations = {re.sub(r"-seed\d+$", "", j["name"]) for j in jobs if j["kind"] == "train"}
+    shape = f" ({len(configurations)} configurations, {len(seeds)} seeds)" if len(seeds) > 1 else ""
+    done = sum(s == "done" for s in states)
+    running = sum(s.startswith("step ") for s in states)
+    return f"{len(jobs)} jobs{shape}: {done} done, {running} started, {len(jobs) - done - running} to do"
 
 
 def define_flags(values: flags.FlagValues, argv: list[str]) -> None:
@@ -85,8 +132,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         cli.fail(f"{manifest} not found: ROOT must be the --root of `python -m experiments.launch`.")
     jobs = json.loads(manifest.read_text())["jobs"]
     width = max(len(j["name"]) for j in jobs)
-    for job in jobs:
-        print(f"{job['name']:<{width}}  {job['kind']:<5}  {describe(job)}")
+    states = [describe(job, with_progress=True) for job in jobs]
+    for job, state in zip(jobs, states):
+        print(f"{job['name']:<{width}}  {job['kind']:<5}  {state}")
+    print(count(jobs, states))
     return 0
 
 

@@ -40,6 +40,7 @@ class Run:
     staged_init_from: str = ""
     net: str = ""
     scale: str = ""
+    seed: int | None = None  # set by Sweep.with_seeds: the run's --config.seed (and a name suffix)
 
     @property
     def after(self) -> tuple[str, ...]:
@@ -115,6 +116,36 @@ class Sweep:
             placed.add(ready.name)
             pending.remove(ready)
         return order
+
+    def with_seeds(self, n: int) -> Sweep:
+        """``n`` repetitions of every run and evaluation, seeds 0..n-1: ``<name>-seed<k>`` with
+        ``--config.seed=k``, each starting from (and evaluating) the runs of its own seed. ``n = 1``: as is."""
+        if n < 1:
+            raise ValueError(f"--seeds must be >= 1, got {n}.")
+        if n == 1:
+            return self
+
+        def named(name: str, k: int) -> str:
+            return f"{name}-seed{k}" if name else ""
+
+        runs = tuple(
+            dataclasses.replace(
+                r,
+                name=named(r.name, k),
+                overrides=(*r.overrides, f"--config.seed={k}"),
+                init_from=named(r.init_from, k),
+                staged_init_from=named(r.staged_init_from, k),
+                seed=k,
+            )
+            for k in range(n)
+            for r in self.runs
+        )
+        evals = tuple(
+            dataclasses.replace(e, name=named(e.name, k), runs=tuple(named(r, k) for r in e.runs))
+            for k in range(n)
+            for e in self.evals
+        )
+        return Sweep(self.name, runs, evals)
 
     def select(self, names: Iterable[str]) -> Sweep:
         """The named jobs and every run they depend on (transitively)."""

@@ -1,4 +1,4 @@
-"""Cloud TPU VM pods: one ``gcloud compute tpus tpu-vm ssh --worker=all`` command per job.
+"""Cloud TPU VM pods: the code shipped to every worker, jobs started detached on every worker, polled to the end.
 
 experiments/README.md#launching
 """
@@ -6,11 +6,24 @@ experiments/README.md#launching
 from __future__ import annotations
 
 import dataclasses
+import io
 import shlex
+import subprocess
+import tarfile
 from collections.abc import Sequence
 from pathlib import Path
 
 from experiments.plan import Job
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = "vgg_jax-bundle.tar.gz"
+# TPU VM software images per generation (cloud.google.com/tpu/docs/runtimes), for creating the slice.
+RUNTIMES = {
+    "v4": "tpu-ubuntu2204-base",
+    "v5p": "v2-alpha-tpuv5",
+    "v5litepod": "v2-alpha-tpuv5-lite",
+    "v6e": "v2-alpha-tpuv6e",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,42 +31,175 @@ class TpuOptions:
     tpu: str  # the TPU VM (pod slice) name
     zone: str
     project: str = ""
-    repo_dir: str = "vgg_jax"  # the checkout on every worker, relative to the home directory or absolute
-    setup: str = ""  # shell run first on every worker, e.g. 'source ~/venv/bin/activate'
+    repo_dir: str = "vgg_jax"  # where the code is unpacked on every worker (relative to home, or absolute)
+    setup: str = ""  # shell run before every command on the workers, e.g. 'source ~/venv/bin/activate'
+    install: str = 'pip install -q -r requirements.txt -e . "jax[tpu]==0.10.2"'  # once, after unpacking the code
     python: str = "python3"
+    internal_ip: bool = False  # ssh/scp to the workers' internal IPs (from a VM in the same network)
+    tunnel_through_iap: bool = False  # ssh/scp through Identity-Aware Proxy (workers without external IPs)
+    create: str = ""  # '' (the slice exists), 'spot' or 'reserved': create it as a queued resource first
+    accelerator_type: str = ""  # with create: e.g. v5litepod-64
+    runtime_version: str = ""  # with create: default by generation (RUNTIMES)
+    poll_seconds: int = 300
+
+    def __post_init__(self) -> None:
+        if self.create not in ("", "spot", "reserved"):
+            raise ValueError(f"--create must be spot or reserved (or unset), got {self.create!r}.")
+        if self.create and not self.accelerator_type:
+            raise ValueError("--create needs --accelerator_type (e.g. v5litepod-64): the slice to create.")
+        if self.internal_ip and self.tunnel_through_iap:
+            raise ValueError("--internal_ip and --tunnel_through_iap exclude each other: pick one.")
 
 
-def remote_command(job: Job, opts: TpuOptions) -> str:
-    """The shell line every worker runs: skip when finished, else run (resuming from checkpoints)."""
-    steps = [
-        f"cd {shlex.quote(opts.repo_dir)}",
-        *([opts.setup] if opts.setup else []),
-        f"{{ {job.check_command(opts.python)} || {job.command(opts.python)}; }}",
-    ]
-    return " && ".join(steps)
+def _gcloud(opts: TpuOptions, *words: str) -> list[str]:
+    location = [f"--zone={opts.zone}", *([f"--project={opts.project}"] if opts.project else [])]
+    return ["gcloud", "compute", "tpus", *words, *location]
 
 
-def ssh_command(job: Job, opts: TpuOptions) -> str:
-    parts = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", opts.tpu, f"--zone={opts.zone}"]
-    parts += [f"--project={opts.project}"] if opts.project else []
-    parts += ["--worker=all", f"--command={remote_command(job, opts)}"]
-    return shlex.join(parts)
+def _connect(opts: TpuOptions) -> list[str]:
+    return ["--internal-ip"] * opts.internal_ip + ["--tunnel-through-iap"] * opts.tunnel_through_iap
+
+
+def ssh(opts: TpuOptions, worker: str, command: str) -> str:
+    return shlex.join(
+        [*_gcloud(opts, "tpu-vm", "ssh", opts.tpu), f"--worker={worker}", *_connect(opts), f"--command={command}"]
+    )
+
+
+def _on_worker(opts: TpuOptions, command: str) -> str:
+    """A worker-side shell line: in the code's directory, after the setup."""
+    return " && ".join([f"cd {shlex.quote(opts.repo_dir)}", *([opts.setup] if opts.setup else []), command])
+
+
+def job_script(job: Job, opts: TpuOptions) -> str:
+    """``jobs/<job>.sh`` on every worker: ``start`` runs the job detached once (not again while it runs or
+    after it finished), with its log under the job's directory; ``state`` says done, running or failed."""
+    run_dir = f"$HOME/vgg_jax_jobs/{job.name}"
+    remote = "://" in job.path
+    log = f"{run_dir}/$(hostname).log" if remote else f"{job.path}/logs/$(hostname).log"
+    sync = ""
+    if remote:  # a bucket takes whole files: copy the log there every minute while the job runs, and at the end
+        sync = (
+            f'  setsid nohup bash -c \'while kill -0 "$(cat {run_dir}/pid)" 2>/dev/null; do '
+            f'gcloud storage cp -q "{log}" "{job.path}/logs/$(hostname).log"; sleep 60; done; '
+            f'gcloud storage cp -q "{log}" "{job.path}/logs/$(hostname).log"\' > /dev/null 2>&1 < /dev/null &\n'
+        )
+    command = job.command(opts.python)
+    return f"""#!/usr/bin/env bash
+# Job {job.name!r} ({job.kind}) on this TPU worker, generated by experiments/launch.py --mode=tpu.
+#   bash jobs/{job.name}.sh start   runs it detached (setsid nohup) unless it finished or already runs
+#   bash jobs/{job.name}.sh state   prints done, running, failed:<exit code> (with its log's tail) or not started
+set -u
+cd "$(dirname "$0")/.."
+{opts.setup}
+mkdir -p "{run_dir}" {"" if remote else f'"{job.path}/logs"'}
+finished() {{ {job.check_command(opts.python)} > /dev/null 2>&1; }}
+running() {{ [ -f "{run_dir}/pid" ] && kill -0 "$(cat "{run_dir}/pid")" 2> /dev/null; }}
+case "${{1:-state}}" in
+start)
+  if finished; then echo done; exit 0; fi
+  if running; then echo running; exit 0; fi
+  rm -f "{run_dir}/rc"
+  setsid nohup bash -c {shlex.quote(command + f'; echo $? > "{run_dir}/rc"')} > "{log}" 2>&1 < /dev/null &
+  echo $! > "{run_dir}/pid"
+{sync}  echo started;;
+state)
+  if finished; then echo done
+  elif running; then echo running
+  elif [ -f "{run_dir}/rc" ]; then echo "failed:$(cat "{run_dir}/rc")"; tail -n 30 "{log}"
+  else echo "not started"; fi;;
+esac
+"""
+
+
+def commands(jobs: Sequence[Job], opts: TpuOptions) -> list[str]:
+    """The shell lines run_all.sh runs, in order (what a dry run prints)."""
+    lines = []
+    if opts.create:
+        runtime = opts.runtime_version or RUNTIMES[opts.accelerator_type.split("-")[0]]
+        lines.append(
+            shlex.join(
+                [
+                    *_gcloud(opts, "queued-resources", "create", opts.tpu),
+                    f"--node-id={opts.tpu}",
+                    f"--accelerator-type={opts.accelerator_type}",
+                    f"--runtime-version={runtime}",
+                    f"--{opts.create}",
+                ]
+            )
+        )
+        state = shlex.join([*_gcloud(opts, "queued-resources", "describe", opts.tpu), "--format=value(state.state)"])
+        lines.append(
+            f'until [ "$({state})" = ACTIVE ]; do echo "waiting for the slice ($({state}))"; '
+            f"sleep {opts.poll_seconds}; done"
+        )
+    lines.append(
+        shlex.join([*_gcloud(opts, "tpu-vm", "scp", BUNDLE, f"{opts.tpu}:~/{BUNDLE}"), "--worker=all", *_connect(opts)])
+    )
+    unpack = f"mkdir -p {shlex.quote(opts.repo_dir)} && tar -xzf ~/{BUNDLE} -C {shlex.quote(opts.repo_dir)}"
+    lines.append(ssh(opts, "all", unpack + " && " + _on_worker(opts, opts.install)))
+    for job in jobs:
+        start = ssh(opts, "all", _on_worker(opts, f"bash jobs/{job.name}.sh start"))
+        state = ssh(opts, "0", _on_worker(opts, f"bash jobs/{job.name}.sh state"))
+        lines.append(shlex.join(["wait_for", job.name, start, state]))
+    return lines
+
+
+def bundle(jobs: Sequence[Job], opts: TpuOptions, path: Path) -> Path:
+    """The checkout's files (tracked and untracked, not ignored; as they are now) and the jobs' worker
+    scripts, as one tar.gz. Earlier scripts and bundles (the directory of ``path``) are left out."""
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\0")
+    scripts = path.resolve().parent
+    partial = path.with_name(path.name + ".partial")
+    with tarfile.open(partial, "w:gz") as tar:
+        for name in files:
+            source = REPO / name
+            if name and source.is_file() and scripts not in source.resolve().parents and not name.endswith(".tar.gz"):
+                tar.add(source, arcname=name)
+        for job in jobs:
+            data = job_script(job, opts).encode()
+            info = tarfile.TarInfo(f"jobs/{job.name}.sh")
+            info.size, info.mode = len(data), 0o755
+            tar.addfile(info, io.BytesIO(data))
+    partial.replace(path)  # complete or absent, never half-written
+    return path
 
 
 def write(jobs: Sequence[Job], opts: TpuOptions, directory: Path) -> tuple[Path, list[str]]:
-    """``directory/run_all.sh`` running every job's command in order; returns it and the commands."""
-    commands = [ssh_command(job, opts) for job in jobs]
-    lines = [
-        "#!/usr/bin/env bash",
-        "# Generated by experiments/launch.py --mode=tpu: one job after another, in dependency order.",
-        "# Safe to rerun: finished jobs are skipped, unfinished runs resume.",
-        "set -euo pipefail",
-        "",
-    ]
-    for job, command in zip(jobs, commands):
-        lines += [f"echo {shlex.quote(f'== {job.name} ({job.kind})')}", command, ""]
+    """``directory/run_all.sh`` and the code bundle it ships; returns the script and its commands."""
     directory.mkdir(parents=True, exist_ok=True)
+    bundle(jobs, opts, directory / BUNDLE)
+    lines = commands(jobs, opts)
     script = directory / "run_all.sh"
-    script.write_text("\n".join(lines))
+    script.write_text(
+        f"""#!/usr/bin/env bash
+# Generated by experiments/launch.py --mode=tpu. Safe to rerun at any time, e.g. after a dropped connection:
+# the code is shipped again, finished jobs are skipped, running ones are not started twice, unfinished ones
+# resume from their checkpoints. Each job runs detached on every worker (its log: <workdir>/logs/<host>.log);
+# this script only starts it and polls its state every {opts.poll_seconds} s, so it can be stopped and rerun.
+set -uo pipefail
+cd "$(dirname "$0")"
+wait_for() {{  # name, the start command, the state command
+  echo "== $1"
+  until eval "$2"; do echo "  start failed (connection?); retrying in 60 s"; sleep 60; done
+  while true; do
+    state=$(eval "$3" 2> /dev/null) || state="unreachable"
+    case "$state" in
+      done*) echo "  done"; return 0;;
+      failed*) echo "  $1 failed on worker 0:"; echo "$state" | sed 's/^/    /'; exit 1;;
+      *) echo "  $(date -u +%H:%M:%S) ${{state%%$'\\n'*}}"; sleep {opts.poll_seconds};;
+    esac
+  done
+}}
+"""
+        + "\n".join(lines)
+        + "\necho 'All jobs finished.'\n"
+    )
     script.chmod(0o755)
-    return script, commands
+    return script, lines

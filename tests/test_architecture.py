@@ -13,6 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 # docs/architecture.md: a module may import modules of lower layers only.
 LAYERS = {
     "vgg_jax.errors": 0,
+    "vgg_jax.hardware": 0,
     "vgg_jax.preprocessing": 0,
     "vgg_jax.cli": 1,
     "vgg_jax.models": 1,
@@ -36,6 +37,7 @@ LAYERS = {
     "vgg_jax.train": 5,
     "vgg_jax.bench": 5,
     "vgg_jax.main": 6,
+    "vgg_jax.preflight": 5,
 }
 
 

@@ -56,6 +56,8 @@ def test_preprocessing_matches_pillow_resize_centre_crop_and_mean(clf):
         got = clf.preprocess([image])
         assert got.shape == (1, 32, 32, 3)
         np.testing.assert_allclose(got[0], expected, atol=1.01, err_msg=str((h, w)))
+        # crops: the same pixels before the mean is taken off (what the notebook shows).
+        np.testing.assert_allclose(clf.crops([image])[0], expected + mean, atol=1.01, err_msg=str((h, w)))
 
 
 def test_predict_takes_any_size_list_array_gray_rgba_and_pil(clf):

@@ -86,3 +86,43 @@ def test_a_later_override_of_a_field_replaces_an_earlier_one(tmp_path):
         [f"--workdir={tmp_path}", *TINY, "--config.data.eval_scales=(40, 48)"], main.define_flags, "main"
     )
     assert values.config.data.eval_scales == (40, 48) and "--config.data.eval_scales=(36,)" in TINY
+
+
+def test_quiet_console_drops_known_start_up_noise_and_keeps_the_rest(capfd):
+    """The CLIs' filters: TensorFlow's C++ banner written straight to file descriptor 2, and the
+    known-harmless log lines (orbax's missing-metadata notice, JAX's probe for absent TPU / GPU plugins)."""
+    import logging as std_logging
+
+    with cli.stderr_without(cli.TENSORFLOW_BANNER):
+        os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n")
+        os.write(2, b"I0000 port.cc:153] oneDNN custom operations are on. You may see ...\n")
+        os.write(2, b"E0000 something that matters\n")
+    assert capfd.readouterr().err == "E0000 something that matters\n"
+
+    quiet = cli._Quiet()
+
+    def record(name: str, message: str, *args) -> std_logging.LogRecord:
+        return std_logging.LogRecord(name, std_logging.WARNING, "f.py", 1, message, args, None)
+
+    assert not quiet.filter(record("absl", "Metadata file does not exist: %s", "/w/checkpoints/4/_CHECKPOINT_METADATA"))
+    assert not quiet.filter(record("jax._src.xla_bridge", "Unable to initialize backend 'tpu': ABORTED"))
+    assert quiet.filter(record("absl", "Metadata file is corrupt: %s", "/w"))
+    assert quiet.filter(record("vgg_jax.train", "Step 4: 45% of the time waited for input batches"))
+
+
+def test_an_entry_point_on_a_machine_without_a_tpu_prints_no_libtpu_error():
+    """With libtpu installed (the test requirements, the [tpu] extra) and no TPU, JAX probes libtpu at the
+    first device query, and libtpu prints a false INVALID_ARGUMENT error unless told a slice: cli.quiet tells it."""
+    import importlib.util
+
+    assert importlib.util.find_spec("libtpu") is not None, "requirements-test.txt installs libtpu"
+    assert not cli.has_tpu()
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("JAX_PLATFORMS", "TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES")
+    }
+    code = "import jax\nfrom vgg_jax import cli\ncli.run(lambda argv: print(jax.devices()[0].platform))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "cpu", proc.stderr
+    assert "TPU" not in proc.stderr and "INVALID_ARGUMENT" not in proc.stderr, proc.stderr

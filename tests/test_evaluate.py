@@ -242,12 +242,29 @@ def test_multiscale_and_ensemble_average_per_image_posteriors(clf):
     assert len(table) == 2 + 2 * 3 + 1 and "ensemble of trained, random" in table[-1]
 
 
+def test_scales_are_combined_by_averaging_posteriors_not_by_taking_one():
+    """Multi-scale evaluation averages the soft-max posteriors of the scales per image (paper Sect. 4.2),
+    on posteriors made so that each scale alone errs on other images and their average errs on none."""
+    labels = np.array([0, 1, 2, 0])
+    at_36 = np.array([[0.4, 0.6, 0.0], [0.0, 1.0, 0.0], [0.1, 0.1, 0.8], [0.7, 0.3, 0.0]])  # image 0 wrong
+    at_52 = np.array([[0.9, 0.1, 0.0], [0.6, 0.4, 0.0], [0.1, 0.1, 0.8], [0.4, 0.6, 0.0]])  # images 1, 3 wrong
+
+    def one_pass(scale: int, posteriors: np.ndarray) -> evaluate.Pass:
+        names = np.array([""] * 4)
+        return evaluate.Pass("m", "center", scale, np.arange(4), labels, posteriors.astype(np.float32), names, 0, 4)
+
+    _, results = evaluate.combine([one_pass(36, at_36), one_pass(52, at_52)], ["m"], ("center",), (36, 52))
+    assert (results["top1_error@36"], results["top1_error@52"]) == (error(at_36, labels, 1), error(at_52, labels, 1))
+    assert (results["top1_error@36"], results["top1_error@52"]) == (25.0, 50.0)
+    assert results["top1_error"] == error((at_36 + at_52) / 2, labels, 1) == 0.0
+
+
 def test_training_loop_keys_and_unknown_protocol(clf):
     cfg = clf.config.data.copy_and_resolve_references()
     cfg.eval_split = "validation[:3]"
     results = evaluate.evaluate(clf.apply_fn, clf.variables, cfg, sharding.make_mesh(), protocol="center", batch_size=2)
-    assert set(results) == {"top1_error@36", "top5_error@36", "top1_error", "top5_error", "images"}
-    assert results["images"] == 3 and results["top1_error"] == results["top1_error@36"]
+    assert set(results) == {"top1_error@36", "top5_error@36", "images"}
+    assert results["images"] == 3 and "top1_error" not in results  # one scale: one key per figure
     with pytest.raises(ValueError, match="Unknown or repeated evaluation method.*'dense\\+multicrop'"):
         evaluate.evaluate(clf.apply_fn, clf.variables, cfg, sharding.make_mesh(), protocol="dense+crops")
 

@@ -1,9 +1,9 @@
 """experiments/: sweeps, the local / SLURM / TPU launchers, status and the paper-style report.
 
-The CPU-scale depth and LRN ablation (A, A-LRN, B at S=256 and B fine-tuned at jittered S, tiny
-widths, on the built-in dataset) runs once through ``python -m experiments.launch`` (module
+The CPU-scale depth and LRN ablation (A and A-LRN at S=256 with two seeds, B at S=256 and fine-tuned
+at jittered S, tiny widths, on the built-in dataset) runs once through ``python -m experiments.launch`` (module
 fixture); the report's tables and figures are checked against the runs' own outputs and against
-the paper's published errors (Table 3). The SLURM and TPU scripts are generated for
+the paper's published errors (Table 3, kept apart from other data). The SLURM and TPU scripts are generated for
 the full paper sweep and executed with stand-ins for ``sbatch`` / ``srun`` / ``scontrol`` /
 ``gcloud`` that record what they were asked to do.
 """
@@ -13,8 +13,11 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +26,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 
-from experiments import launch, plan, plots, report, results, slurm, status, sweeps, tpu  # noqa: E402
+from experiments import compare, launch, plan, plots, report, results, slurm, status, sweeps, tpu  # noqa: E402
 
 from tiny_runs import free_port  # noqa: E402
 
@@ -49,11 +52,13 @@ ABLATION = [
     "--nets=A,A-LRN,B",
     "--scales=256,256-512",
     "--tables=3",
-    "--only=A-LRN_256,B_256-512,A_256-dense",
+    "--seeds=2",
+    "--only=A-LRN_256-seed0,A-LRN_256-seed1,B_256-512-seed0,A_256-dense-seed0,A_256-dense-seed1",
 ]
-ABLATION_JOBS = {"A_256", "A-LRN_256", "B_256", "B_256-512", "A_256-dense"}
+RUNS = {"A_256-seed0", "A_256-seed1", "A-LRN_256-seed0", "A-LRN_256-seed1", "B_256-seed0", "B_256-512-seed0"}
+ABLATION_JOBS = RUNS | {"A_256-dense-seed0", "A_256-dense-seed1"}
 
-# Paper Table 3 (S = Q = 256): top-1 / top-5 validation error, %.
+# Paper Table 3 (S = Q = 256), ImageNet: top-1 / top-5 validation error, %.
 PAPER_TABLE3 = {"A": ("29.6", "10.4"), "A-LRN": ("29.7", "10.5"), "B": ("28.7", "9.9")}
 
 
@@ -112,63 +117,110 @@ def test_local_mode_runs_dependencies_first(ablation):
     # the scales shrunk by crop / 224 = 32 / 224 (256 -> 37, 512 -> 73, Q = 384 -> 55).
     from vgg_jax import checkpoints
 
-    config = checkpoints.read_meta(ablation / "B_256-512")["config"]
-    assert config["init_from"] == str(ablation / "B_256")
+    config = checkpoints.read_meta(ablation / "B_256-512-seed0")["config"]
+    assert config["init_from"] == str(ablation / "B_256-seed0")
     assert config["optimizer"]["learning_rate"] == pytest.approx(0.002)
     assert (config["data"]["scale_min"], config["data"]["scale_max"], config["data"]["eval_scales"]) == (37, 73, [55])
-    assert checkpoints.read_meta(ablation / "A-LRN_256")["config"]["model"]["name"] == "A-LRN"
+    assert checkpoints.read_meta(ablation / "A-LRN_256-seed1")["config"]["model"]["name"] == "A-LRN"
+    # Each seed is its own run: the seed in the name and in the config.
+    assert {checkpoints.read_meta(ablation / name)["config"]["seed"] for name in ("A_256-seed0", "A_256-seed1")} == {
+        0,
+        1,
+    }
 
 
-def test_rerunning_the_launcher_skips_finished_jobs(ablation, data_dir):
+def test_rerunning_the_launcher_skips_finished_jobs(ablation, data_dir, capsys):
     before = {p: p.stat().st_mtime for p in ablation.glob("*/results.json")}
     proc = run_launcher(*ABLATION, f"--root={ablation}", *TINY, f"--config.data.data_dir={data_dir}")
     assert proc.stdout.count("finished already, skipped") == len(ABLATION_JOBS)
     assert {p: p.stat().st_mtime for p in ablation.glob("*/results.json")} == before
     assert status.main([str(ablation)]) == 0
-    assert status.main([f"--run={ablation / 'B_256'}", "--steps=4"]) == 0
-    assert status.main([f"--run={ablation / 'B_256'}", "--steps=5"]) == 1
-    assert status.main([f"--eval={ablation / 'evals' / 'A_256-dense'}", "--protocol=dense"]) == 0
-    assert status.main([f"--eval={ablation / 'evals' / 'A_256-dense'}", "--protocol=multicrop"]) == 1
+    assert capsys.readouterr().out.splitlines()[-1] == "8 jobs (4 configurations, 2 seeds): 8 done, 0 started, 0 to do"
+    assert status.main([f"--run={ablation / 'B_256-seed0'}", "--steps=4"]) == 0
+    assert status.main([f"--run={ablation / 'B_256-seed0'}", "--steps=5"]) == 1
+    assert status.main([f"--eval={ablation / 'evals' / 'A_256-dense-seed1'}", "--protocol=dense"]) == 0
+    assert status.main([f"--eval={ablation / 'evals' / 'A_256-dense-seed1'}", "--protocol=multicrop"]) == 1
 
 
-def test_report_tables_hold_every_run_and_the_paper_numbers(ablation):
+def _errors(ablation: Path, run: str, dense_if_any: bool = True) -> tuple[float, float]:
+    """A run's Table 3 errors from its own files: the dense evaluation's JSON when there is one (and
+    ``dense_if_any``), else the centre crop at the end of training, cross-checked against the last
+    TensorBoard value."""
+    dense = ablation / "evals" / run.replace("_256-", "_256-dense-")
+    if dense_if_any and run.startswith("A_") and dense.exists():
+        final = json.loads(next(dense.glob("dense_*.json")).read_text())["rows"][-1]
+        return final["top1_error"], final["top5_error"]
+    summary = json.loads((ablation / run / "results.json").read_text())
+    q = 55 if "256-512" in run else 37  # Q = 384 for jittered S, else Q = S; scaled by 32 / 224
+    last = results.read_scalars(str(ablation / run))[f"eval/top1_error@{q}"][-1]
+    assert last[0] == 4 and last[1] == pytest.approx(summary[f"top1_error@{q}"])
+    return summary[f"top1_error@{q}"], summary[f"top5_error@{q}"]
+
+
+def test_report_names_its_data_gives_every_seed_and_keeps_the_paper_apart(ablation):
     text = (ablation / "report" / "report.md").read_text()
+    data = "Data: vgg_jax_demo, trained on `train`, evaluated on `validation[:16]`; 4 training steps; "
+    assert data + "1-2 seed(s) per configuration." in text
     runs = {row["run"]: row for row in markdown_table(text, "## Runs")}
-    assert set(runs) == ABLATION_JOBS - {"A_256-dense"} and all(r["state"] == "done" for r in runs.values())
-    table3 = {row["run"]: row for row in markdown_table(text, "## Table 3")}
-    assert set(table3) == set(runs)
-    for name, row in table3.items():
-        net = name.split("_")[0]
-        assert row["ConvNet"] == net
-        if name.endswith("_256"):
-            assert (row["top-1 (paper)"], row["top-5 (paper)"], row["paper Q"]) == (*PAPER_TABLE3[net], "256")
-        else:  # the paper trained no B at jittered S
-            assert row["top-1 (paper)"] == "–"
-    # Ours: A_256 from its dense evaluation, the others from the centre crop at the end of training,
-    # each equal to what the run wrote (and, independently, to its last TensorBoard value).
-    dense = json.loads(next((ablation / "evals" / "A_256-dense").glob("dense_*.json")).read_text())
-    assert table3["A_256"]["measured by"] == "dense" and table3["A_256"]["test Q"] == "37"
-    assert float(table3["A_256"]["top-1 (ours)"]) == pytest.approx(dense["results"]["top1_error"], abs=0.006)
-    for name in ("A-LRN_256", "B_256", "B_256-512"):
-        q = table3[name]["test Q"]
-        summary = json.loads((ablation / name / "results.json").read_text())
-        last = results.read_scalars(str(ablation / name))[f"eval/top1_error@{q}"][-1]
-        assert last[0] == 4 and last[1] == pytest.approx(summary[f"top1_error@{q}"])
-        assert float(table3[name]["top-1 (ours)"]) == pytest.approx(summary[f"top1_error@{q}"], abs=0.006)
-        assert float(table3[name]["top-5 (ours)"]) == pytest.approx(summary[f"top5_error@{q}"], abs=0.006)
-    torchvision = {row["run"]: row for row in markdown_table(text, "## Centre crop vs torchvision")}
-    assert (
-        torchvision["A_256"]["top-1 (torchvision)"] == "30.98"
-    )  # 100 - 69.020 (torchvision's published vgg11 top-1 accuracy)
+    assert set(runs) == RUNS and all(r["state"] == "done" and r["steps"] == "4" for r in runs.values())
+    assert {name: row["seed"] for name, row in runs.items()} == {name: name[-1] for name in RUNS}
+    assert runs["B_256-512-seed0"]["train S"] == "[37;73]" and runs["A_256-seed1"]["train S"] == "37"
+
+    # Table 3 by configuration: mean and sample standard deviation of the seeds' own errors; the
+    # paper's ImageNet numbers are not in it (these runs are on other data).
+    section = text[text.index("## Table 3") :]
+    assert data in section.split("\n\n")[1]
+    table3 = {(row["ConvNet"], row["train S"]): row for row in markdown_table(text, "## Table 3")}
+    assert set(table3) == {("A", "37"), ("A-LRN", "37"), ("B", "37"), ("B", "[37;73]")}
+    assert not any("paper" in column for column in next(iter(table3.values())))
+    assert table3[("A", "37")]["measured by"] == "dense" and table3[("A-LRN", "37")]["measured by"].startswith("centre")
+    assert (table3[("A", "37")]["test Q"], table3[("B", "[37;73]")]["test Q"]) == ("37", "55")
+    per_seed = {}
+    for (net, s), row in table3.items():
+        names = sorted(n for n in RUNS if n.startswith(f"{net}_") and ("256-512" in n) == (s != "37"))
+        values = np.array([_errors(ablation, n) for n in names], np.float64)
+        per_seed[net, s] = values
+        assert row["seeds"] == str(len(names))
+        assert row["top-1 per seed"] == ", ".join(f"{v:.2f}" for v in values[:, 0])
+        for column, k in (("top-1 (mean ± sd)", 0), ("top-5 (mean ± sd)", 1)):
+            expected = f"{values[:, k].mean():.2f}"
+            if len(names) > 1:
+                expected += f" ± {values[:, k].std(ddof=1):.2f}"
+            assert row[column] == expected
+    reference = {
+        (r["ConvNet"], r["paper S"]): r for r in markdown_table(text, "## Published on ImageNet (reference only)")
+    }
+    for net, (top1, top5) in PAPER_TABLE3.items():
+        assert (reference[(net, "256")]["top-1"], reference[(net, "256")]["top-5"]) == (top1, top5)
+    assert "torchvision" not in text  # its ImageNet weights are no reference for other data
+
+    # One line per comparison of the paper: A vs A-LRN with an interval (2 seeds each), depth A -> B
+    # and fixed vs jittered S for B without one (1 seed). A has dense evaluations and the others not, so
+    # the comparisons use every run's centre crop (one measure on both sides), and say so.
+    section = text[text.index("## Comparisons") :]
+    assert "Figures and comparisons use the centre crop at the end of training" in section
+    lines = [line for line in section.splitlines() if line.startswith("- ")]
+    assert [line.split(":")[0] for line in lines] == ["- LRN (S = 37)", "- depth A → B", "- B"]
+    assert "11 → 13 layers (S = 37)" in lines[1]
+    a_centre = np.array([_errors(ablation, n, dense_if_any=False) for n in ("A_256-seed0", "A_256-seed1")])
+    lrn = compare.welch("A", a_centre[:, 0], "A-LRN", per_seed["A-LRN", "37"][:, 0])
+    assert f"{lrn.difference:+.2f} points of top-1 error" in lines[0]
+    if lrn.p is None:  # 16 images, 4 steps: both seeds of each may give the same error
+        assert "(2 vs 2 seeds: every seed gave the same error on both sides" in lines[0]
+    else:
+        assert f"95% interval [{lrn.low:+.2f}, {lrn.high:+.2f}], Welch p = {lrn.p:.3f} (2 vs 2 seeds)" in lines[0]
+    assert "(2 vs 1 seeds: too few for an interval" in lines[1]
+    assert "(1 vs 1 seeds: too few for an interval" in lines[2]
 
 
-def test_report_figures_are_valid_images(ablation):
+def test_report_figures_are_valid_images_and_captions_name_the_data(ablation):
     out = ablation / "report"
-    names = [f"curves_{r}.png" for r in ("A_256", "A-LRN_256", "B_256", "B_256-512")]
+    names = [f"curves_{r}.png" for r in sorted(RUNS)]
     names += ["error_vs_depth.png", "lrn.png", "fixed_vs_jittered.png"]
     text = (out / "report.md").read_text()
     for name in names:
-        assert f"]({name})" in text
+        caption = next(line for line in text.splitlines() if line.endswith(f"]({name})"))
+        assert "vgg_jax_demo validation[:16], 4 steps, 1-2 seed(s)" in caption, caption
         with Image.open(out / name) as image:
             image.verify()
         with Image.open(out / name) as image:
@@ -177,24 +229,134 @@ def test_report_figures_are_valid_images(ablation):
         assert pixels.std() > 10, f"{name} looks blank"
 
 
-def test_depth_axis_follows_the_papers_table_1():
+def _point(net: str, top1, paper=None, scale="256", s_label="S = 37") -> plots.Point:
+    return plots.Point(net, scale, report.depth(net), tuple(top1), tuple(v / 3 for v in top1), paper, paper, s_label)
+
+
+def test_depth_axis_follows_the_papers_table_1_and_keeps_the_paper_off_other_data():
     """Weight layers per configuration (paper Table 1): A 11, B 13, C 16, D 16, E 19."""
     assert {net: report.depth(net) for net in sweeps.NETS} == {"A": 11, "A-LRN": 11, "B": 13, "C": 16, "D": 16, "E": 19}
-    points = [plots.Point(net, "256", report.depth(net), 30.0, 10.0, None, None) for net in ("E", "C", "A", "D", "B")]
-    fig = plots.error_vs_depth(points)
+    points = [_point(net, (80.0, 82.0)) for net in ("E", "C", "A", "D", "B")]
+    fig = plots.error_vs_depth(points, "demo")
     labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
     assert labels == ["A\n(11 layers)", "B\n(13 layers)", "C\n(16 layers)", "D\n(16 layers)", "E\n(19 layers)"]
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["S = 37"]  # the run's S, not the paper's
     assert plots.lrn(points) is None and plots.fixed_vs_jittered(points) is None  # nothing to compare
-    plots.png(fig)
+
+    def plotted(ax) -> set[float]:
+        return {round(float(y), 3) for line in ax.get_lines() for y in line.get_ydata()}
+
+    with_paper = [_point("A", (80.0, 82.0), paper=29.6), _point("B", (79.0, 81.0), paper=28.7)]
+    apart = plots.error_vs_depth(with_paper, "demo")  # other data: the paper gets its own panel
+    assert len(apart.axes) == 3 and "reference only" in apart.axes[2].get_title()
+    assert 29.6 not in plotted(apart.axes[0]) and 29.6 in plotted(apart.axes[2])
+    together = plots.error_vs_depth(with_paper, "imagenet2012", paper_on_same_axes=True)
+    assert len(together.axes) == 2 and 29.6 in plotted(together.axes[0])
+    plots.png(apart)
+
+
+def test_comparisons_name_each_step_and_never_mix_measures():
+    """Consecutive configurations at one scale; C -> D is named by its kernels (both have 16 layers); a pair
+    measured two ways (dense vs centre crop) is not compared, and common_measure falls back to the centre crop."""
+
+    def row(net, how, top1):
+        point = plots.Point(net, "256", report.depth(net), top1, top1, None, None, "S = 37")
+        centre = point._replace(top1=tuple(v + 10 for v in top1), top5=tuple(v + 10 for v in top1))
+        return report.Table3Row(report.Configuration(net, "256", []), how, "37", point, centre)
+
+    rows = [row(n, report.CENTRE, (50.0 + i, 51.0 + i, 52.5 + i)) for i, n in enumerate("ABCD")]
+    found = report.comparisons(rows)
+    assert [what for what, *_ in found] == [
+        "depth A → B: 11 → 13 layers (S = 37)",
+        "depth B → C: 13 → 16 layers (S = 37)",
+        "C → D: 1x1 → 3x3 convolutions in blocks 3-5 (S = 37)",
+    ]
+    assert all(top1.difference == pytest.approx(1.0) for _, top1, _ in found)
+    mixed = [row("A", "dense", (40.0, 41.0)), row("B", report.CENTRE, (60.0, 61.0))]
+    ((what, why, none),) = report.comparisons(mixed)
+    assert none is None and why == f"not compared: A measured by dense, B by {report.CENTRE}"
+    common, note = report.common_measure(mixed)
+    assert note and {r.measured_by for r in common} == {report.CENTRE}
+    assert [r.point.top1 for r in common] == [(50.0, 51.0), (70.0, 71.0)]  # every row's centre crop
+    assert report.common_measure(rows) == (rows, "")
+
+
+def test_welch_interval_matches_the_textbook_formula():
+    """Welch's t for equal variances and n = 3 per group has 4 degrees of freedom; t(0.975, 4) = 2.776445
+    (any t table), and the two-sided p has a closed form for even degrees of freedom."""
+    a, b = (50.0, 52.0, 54.0), (60.0, 62.0, 64.0)
+    se = np.sqrt(np.var(a, ddof=1) / 3 + np.var(b, ddof=1) / 3)
+    t = 10.0 / se
+    x = t / np.sqrt(t * t + 4)
+    p = 2 * (1 - (0.5 + x / 2 * (1 + 0.5 * (1 - x * x))))  # Student t CDF, 4 degrees of freedom
+    c = compare.welch("A", a, "B", b)
+    assert c.difference == pytest.approx(10.0)
+    assert (c.low, c.high) == pytest.approx((10 - 2.776445 * se, 10 + 2.776445 * se), abs=1e-5)
+    assert c.p == pytest.approx(p, rel=1e-6) and c.distinguishable
+    # Unequal variances: Welch-Satterthwaite degrees of freedom (4/3 + 1/3)^2 / ((4/3)^2/2 + (1/3)^2/2) = 50/17,
+    # not Student's pooled 4.
+    from scipy.stats import t as student_t
+
+    c = compare.welch("A", a, "B", (60.0, 61.0, 62.0))
+    half = student_t.ppf(0.975, 50 / 17) * np.sqrt(4 / 3 + 1 / 3)
+    assert (c.low, c.high) == pytest.approx((9.0 - half, 9.0 + half), abs=1e-9)
+    same = compare.welch("A", (50.0, 53.0, 51.0), "A-LRN", (51.0, 50.0, 53.5))
+    assert same.low < 0 < same.high and not same.distinguishable
+    assert "NOT distinguishable from seed noise" in same.sentence()
+    assert compare.welch("A", (50.0,), "B", (51.0, 52.0)).p is None
+    tied = compare.welch("A", (50.0, 50.0, 50.0), "B", (55.0, 55.0))  # coarse errors tie across seeds
+    assert tied.p is None and tied.distinguishable is None and "seed noise is unmeasured" in tied.sentence()
+
+
+def test_report_on_imagenet_puts_the_paper_in_the_same_table(tmp_path, monkeypatch):
+    """Runs on the paper's data (imagenet2012): paper columns in Table 3, torchvision's table, no separate
+    reference section."""
+
+    def run(name: str, net: str, seed: int, top1: float) -> results.RunResult:
+        facts = dict(
+            net=net,
+            scale="256",
+            model={"A": "vgg11", "A-LRN": "A-LRN"}[net],
+            scale_min=256,
+            scale_max=256,
+            eval_scales=[256],
+            global_batch_size=256,
+            num_train_steps=370_000,
+            dataset="imagenet2012",
+            train_split="train",
+            eval_split="validation",
+            seed=seed,
+        )
+        summary = {"step": 370_000, "train_seconds": 3600.0, "top1_error@256": top1, "top5_error@256": top1 / 3}
+        return results.RunResult(name, str(tmp_path / name), facts, summary, {})
+
+    runs = [run(f"A_256-seed{k}", "A", k, 30.0 + k) for k in range(3)]
+    runs += [run(f"A-LRN_256-seed{k}", "A-LRN", k, 30.5 + k) for k in range(3)]
+    monkeypatch.setattr(report, "collect", lambda root: results.Results("imagenet", runs, []))
+    text = report.write_report(str(tmp_path), str(tmp_path / "out")).read_text()
+    assert "Data: imagenet2012, trained on `train`, evaluated on `validation`; 370000 training steps; 3 seed(s)" in text
+    table3 = {row["ConvNet"]: row for row in markdown_table(text, "## Table 3")}
+    assert (table3["A"]["top-1 (paper)"], table3["A-LRN"]["top-1 (paper)"]) == ("29.6", "29.7")
+    assert table3["A"]["top-1 (mean ± sd)"] == "31.00 ± 1.00"
+    assert "reference only" not in text
+    torchvision = {row["run"]: row for row in markdown_table(text, "## Centre crop vs torchvision")}
+    assert torchvision["A_256-seed0"]["top-1 (torchvision)"] == "30.98"  # 100 - 69.020, torchvision's vgg11
+    assert "- LRN (S = 256): A-LRN (S = 256) - A (S = 256): +0.50 points of top-1 error" in text
+    assert "NOT distinguishable from seed noise" in text
 
 
 def test_report_without_a_manifest_discovers_the_workdirs(ablation):
     """Workdirs trained by hand (no sweep.json): runs and evaluations are found from their files."""
     found = results.discover(str(ablation))
-    assert {r.name for r in found.runs} == ABLATION_JOBS - {"A_256-dense"}
+    assert {r.name for r in found.runs} == RUNS
     by_name = {r.name: r for r in found.runs}
-    assert (by_name["B_256-512"].facts["net"], by_name["B_256-512"].facts["scale"]) == ("B", "37-73")
-    assert [(e.name, e.facts["table"]) for e in found.evals] == [("A_256-dense", "3")]
+    facts = by_name["B_256-512-seed0"].facts
+    assert (facts["net"], facts["scale"], facts["seed"], facts["eval_split"]) == ("B", "37-73", 0, "validation[:16]")
+    assert by_name["A_256-seed1"].facts["seed"] == 1
+    assert sorted((e.name, e.facts["table"]) for e in found.evals) == [
+        ("A_256-dense-seed0", "3"),
+        ("A_256-dense-seed1", "3"),
+    ]
 
 
 def test_a_failing_job_stops_the_sweep_with_its_log(tmp_path):
@@ -386,27 +548,29 @@ def fake_tools(directory: Path) -> Path:
     return directory
 
 
-def test_slurm_submit_chains_jobs_with_afterok(tmp_path, monkeypatch):
+def test_slurm_submit_chains_jobs_with_afterok(tmp_path, monkeypatch, capsys):
     """The launcher's CLI writes the scripts and submits them; each job waits for the ids of its dependencies."""
     bin_dir = fake_tools(tmp_path / "bin")
     log = tmp_path / "sbatch.log"
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     monkeypatch.setenv("FAKE_LOG", str(log))
     root = tmp_path / "runs"
-    launch.main(
-        [
-            "--sweep=paper",
-            "--nets=A,D,E",
-            "--staged",
-            "--mode=slurm",
-            f"--root={root}",
-            "--nodes=2",
-            "--partition=gpu",
-            "--sbatch=--qos=high",
-            "--submit",
-            "--config.data.manual_dir=/data/imagenet",
-        ]
-    )
+    args = [
+        "--sweep=paper",
+        "--nets=A,D,E",
+        "--staged",
+        "--mode=slurm",
+        f"--root={root}",
+        "--nodes=2",
+        "--partition=gpu",
+        "--sbatch=--qos=high",
+        "--submit",
+        "--config.data.manual_dir=/data/imagenet",
+    ]
+    launch.main([*args, "--dry_run"])  # prints the scripts; writes and submits nothing, even with --submit
+    assert not root.exists() and not log.exists()
+    assert "#SBATCH --qos=high" in capsys.readouterr().out
+    launch.main(args)
     _, jobs = plan.read_manifest(str(root))
     submitted = [line.split(" ") for line in log.read_text().splitlines()]
     id_of = {Path(args[-1]).stem: ident for ident, *args in submitted}
@@ -432,7 +596,7 @@ def test_slurm_submit_chains_jobs_with_afterok(tmp_path, monkeypatch):
         "--qos=high",
         "--requeue",
         "--signal=TERM@300",
-        f"--output={root}/slurm/logs/%x-%j.out",
+        f"--output={root}/slurm/logs/D_384-%j.out",
     ):
         assert f"#SBATCH {option}\n" in script
 
@@ -481,6 +645,35 @@ def test_slurm_job_script_runs_srun_and_requeues_until_done(tmp_path):
         os.remove(f"{root}/D_384/results.json")
 
 
+def test_slurm_allocations_give_input_cores_and_memory_and_evaluations_a_small_allocation(tmp_path):
+    jobs = plan.plan(sweeps.paper(["D"], ["256"], tables=("3",)), str(tmp_path), distributed=True)
+    train, evaluation = (next(j for j in jobs if j.kind == kind) for kind in ("train", "eval"))
+    for per, cpus in (("gpu", 12), ("node", 96)):
+        text = slurm.job_script(train, slurm.SlurmOptions(str(REPO), nodes=2, per=per), "paper", "/logs")
+        for line in (
+            f"--cpus-per-task={cpus}",
+            "--mem-per-gpu=48G",
+            "--nodes=2",
+            "--gpus-per-node=8",
+            "--time=3-00:00:00",
+            "--output=/logs/D_256-%j.out",
+        ):
+            assert f"#SBATCH {line}\n" in text, (per, line)
+    text = slurm.job_script(evaluation, slurm.SlurmOptions(str(REPO), nodes=2), "paper", "/logs")
+    for line in (
+        "--nodes=1",
+        "--gpus-per-node=1",
+        "--ntasks-per-node=1",
+        "--cpus-per-task=12",
+        "--time=04:00:00",
+        "--output=/logs/D_256-dense-%j.out",
+    ):
+        assert f"#SBATCH {line}\n" in text, line
+    # A memory option of the user's replaces ours (sbatch refuses --mem with --mem-per-gpu).
+    text = slurm.job_script(train, slurm.SlurmOptions(str(REPO), extra=("--mem=500G",)), "paper", "/logs")
+    assert "#SBATCH --mem=500G\n" in text and "--mem-per-gpu" not in text
+
+
 def test_jax_distributed_initialises_from_the_slurm_environment():
     """What srun gives each task is enough for ``jax.distributed.initialize()`` with no arguments."""
     code = (
@@ -521,63 +714,146 @@ def shell_words(line: str) -> list[str]:
     return list(lexer)
 
 
-def test_tpu_commands_run_every_worker_in_order(tmp_path):
-    bin_dir = fake_tools(tmp_path / "bin")
-    sweep = sweeps.paper(
-        ["A"], ["256", "384"], platform="tpu", tables=("3",), overrides=["--config.data.data_dir=gs://bucket/tfds"]
-    )
-    jobs = plan.plan(sweep, "gs://bucket/runs", distributed=True)
-    opts = tpu.TpuOptions("pod", "us-central2-b", project="proj", setup="source ~/venv/bin/activate")
-    script, commands = tpu.write(jobs, opts, tmp_path / "tpu")
-    args = shlex.split(commands[1])
-    assert args[:9] == [
-        "gcloud",
-        "compute",
-        "tpus",
-        "tpu-vm",
-        "ssh",
-        "pod",
+FAKE_GCLOUD = r"""#!/usr/bin/env bash
+# A one-worker TPU VM on this machine: records each call; scp copies into $FAKE_HOME; ssh runs --command there
+# (a state query fails once when $FAKE_DROP exists: a dropped connection).
+echo "gcloud $*" >> "$FAKE_LOG"
+case " $* " in
+  *" queued-resources describe "*) echo ACTIVE; exit 0;;
+  *" queued-resources create "*) exit 0;;
+  *" tpu-vm scp "*) cp "$5" "$FAKE_HOME/${6#*:~/}"; exit 0;;
+esac
+for a in "$@"; do case $a in --command=*) command=${a#--command=};; esac; done
+if [ -e "$FAKE_DROP" ] && [[ $command == *" state"* ]]; then rm "$FAKE_DROP"; exit 255; fi
+cd "$FAKE_HOME" && HOME="$FAKE_HOME" exec bash -c "$command"
+"""
+
+
+def test_tpu_launch_ships_the_code_runs_detached_survives_a_dropped_connection_and_reruns(tmp_path, data_dir):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "gcloud").write_text(FAKE_GCLOUD)
+    (bin_dir / "gcloud").chmod(0o755)
+    home, log, root, scripts = tmp_path / "worker", tmp_path / "gcloud.log", tmp_path / "runs", tmp_path / "tpu"
+    home.mkdir()
+    args = [
+        "--config=configs/demo.py",
+        "--name=tiny",
+        "--mode=tpu",
+        "--tpu=pod",
         "--zone=us-central2-b",
         "--project=proj",
-        "--worker=all",
+        "--internal_ip",
+        "--create=spot",
+        "--accelerator_type=v5litepod-8",
+        f"--root={root}",
+        f"--scripts_dir={scripts}",
+        f"--python={sys.executable}",
+        "--install=true",
+        "--poll_seconds=1",
+        *TINY,
+        f"--config.data.data_dir={data_dir}",
+        # The workers' jax.distributed: one process of an explicit cluster here (a pod auto-detects).
+        f"--config.distributed.coordinator_address=127.0.0.1:{free_port()}",
+        "--config.distributed.num_processes=1",
+        "--config.distributed.process_id=0",
     ]
-    remote = shell_words(args[9].removeprefix("--command="))
-    assert remote[:6] == ["cd", "vgg_jax", "&&", "source", "~/venv/bin/activate", "&&"]
-    assert remote[6:12] == [
-        "{",
-        "python3",
-        "-m",
-        "experiments.status",
-        "--run=gs://bucket/runs/A_384",
-        "--steps=370000",
-    ]
-    assert remote[12:] == [
-        "||",
-        "python3",
-        "-m",
-        "vgg_jax.main",
-        "--config=configs/paper.py:A,384,tpu",
-        "--workdir=gs://bucket/runs/A_384",
-        "--config.data.data_dir=gs://bucket/tfds",
-        "--config.init_from=gs://bucket/runs/A_256",
-        "--config.distributed.enabled=True",
-        ";",
-        "}",
-    ]
-    eval_remote = shell_words(shlex.split(commands[2])[9].removeprefix("--command="))
-    assert eval_remote[13:] == [
-        "python3",
-        "-m",
-        "vgg_jax.evaluate",
-        "--checkpoint=gs://bucket/runs/A_256",
-        "--protocol=dense",
-        "--out=gs://bucket/runs/evals/A_256-dense",
-        "--distributed.enabled=True",
-        ";",
-        "}",
-    ]
-    log = tmp_path / "gcloud.log"
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_LOG=str(log))
-    subprocess.run(["bash", str(script)], env=env, check=True, capture_output=True)
-    assert [j.name for j in jobs] == ["A_256", "A_384", "A_256-dense", "A_384-dense"]
-    assert log.read_text().splitlines() == [" ".join(shlex.split(c)) for c in commands]  # all of them, in order
+    dry = run_launcher(*args, "--dry_run")
+    assert not scripts.exists()  # a dry run writes nothing
+    printed = [line for line in dry.stdout.splitlines() if line.startswith(("gcloud", "until", "wait_for"))]
+    assert printed[0].startswith("gcloud compute tpus queued-resources create pod --zone=us-central2-b")
+    assert "--accelerator-type=v5litepod-8 --runtime-version=v2-alpha-tpuv5-lite --spot" in printed[0]
+    assert shlex.split(printed[2])[:4] == ["gcloud", "compute", "tpus", "tpu-vm"] and "--internal-ip" in printed[2]
+    run_launcher(*args)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env |= dict(
+        PATH=f"{bin_dir}:{env['PATH']}", FAKE_LOG=str(log), FAKE_HOME=str(home), FAKE_DROP=str(tmp_path / "drop")
+    )
+    (tmp_path / "drop").write_text("")
+    proc = subprocess.run(["bash", str(scripts / "run_all.sh")], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "All jobs finished." in proc.stdout
+    calls = log.read_text().splitlines()
+    assert [c.split()[4] for c in calls[:3]] == ["create", "describe", "scp"]  # slice, then the code, then jobs
+    assert any("--worker=all" in c and "jobs/tiny.sh start" in c for c in calls)
+    assert sum("jobs/tiny.sh state" in c for c in calls) >= 2  # polled; the first query was dropped
+    assert json.loads((root / "tiny" / "results.json").read_text())["step"] == 4
+    assert list((root / "tiny" / "logs").glob("*.log"))  # one log per worker, under the run's workdir
+    assert (home / "vgg_jax" / "configs" / "demo.py").is_file()  # the shipped code ran
+    # Rerunning (e.g. after the connection dropped for good) neither restarts nor duplicates the job.
+    results = (root / "tiny" / "results.json").stat().st_mtime
+    proc = subprocess.run(["bash", str(scripts / "run_all.sh")], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and (root / "tiny" / "results.json").stat().st_mtime == results
+    job = home / "vgg_jax" / "jobs" / "tiny.sh"
+    assert (
+        subprocess.run(
+            ["bash", str(job), "start"], env=env | {"HOME": str(home)}, capture_output=True, text=True
+        ).stdout.strip()
+        == "done"
+    )
+
+
+def test_a_running_tpu_job_is_not_started_twice(tmp_path):
+    job = plan.Job(
+        "slow",
+        "train",
+        ("-c", "import time; time.sleep(30)"),
+        ("-c", "raise SystemExit(1)"),
+        (),
+        str(tmp_path / "run"),
+        {},
+    )
+    script = tmp_path / "slow.sh"
+    script.write_text(tpu.job_script(job, tpu.TpuOptions("pod", "zone", python=sys.executable)))
+    env = dict(os.environ, HOME=str(tmp_path))
+    (tmp_path / "jobs").mkdir()
+    shutil.copy(script, tmp_path / "jobs" / "slow.sh")
+
+    def call(action: str) -> str:
+        return subprocess.run(
+            ["bash", str(tmp_path / "jobs" / "slow.sh"), action], env=env, capture_output=True, text=True, timeout=60
+        ).stdout.strip()
+
+    assert call("state") == "not started"
+    assert call("start") == "started"
+    assert call("start") == "running" and call("state") == "running"
+    pid = int((tmp_path / "vgg_jax_jobs" / "slow" / "pid").read_text())
+    os.kill(pid, signal.SIGKILL)  # the job died (e.g. the VM was preempted): a start runs it again
+    while call("state") == "running":
+        pass
+    assert call("start") == "started"
+    os.kill(int((tmp_path / "vgg_jax_jobs" / "slow" / "pid").read_text()), signal.SIGKILL)
+
+
+def test_read_scalars_keeps_what_precedes_a_half_written_record(tmp_path):
+    """A running job's event file may end in a partial record: status and report read the rest."""
+    import tensorflow as tf
+
+    writer = tf.summary.create_file_writer(str(tmp_path))
+    with writer.as_default():
+        for step in range(1, 4):
+            tf.summary.scalar("train/loss", 1.0 / step, step=step)
+    writer.close()
+    (event_file,) = tmp_path.glob("events.out.tfevents.*")
+    assert status.read_scalars(str(tmp_path))["train/loss"] == [(s, pytest.approx(1.0 / s)) for s in (1, 2, 3)]
+    event_file.write_bytes(event_file.read_bytes()[:-7])  # the last record cut short
+    assert status.read_scalars(str(tmp_path))["train/loss"] == [(1, 1.0), (2, 0.5)]
+
+
+def test_tpu_bundle_ships_the_code_and_not_earlier_scripts_or_bundles():
+    """The default scripts directory lies in the checkout (e.g. paper-tpu/): a rerun must not ship the old
+    run_all.sh and bundle, nor a partial copy of the bundle being written."""
+    scripts = REPO / "test-bundle-tpu"
+    scripts.mkdir()
+    try:
+        (scripts / "run_all.sh").write_text("old\n")
+        (scripts / tpu.BUNDLE).write_bytes(b"old bundle")
+        job = plan.Job("tiny", "train", ("-c", "pass"), ("-c", "pass"), (), "/tmp/tiny", {})
+        path = tpu.bundle([job], tpu.TpuOptions("pod", "zone"), scripts / tpu.BUNDLE)
+        with tarfile.open(path) as tar:
+            names = set(tar.getnames())
+        assert {"vgg_jax/models.py", "configs/demo.py", "requirements.txt", "jobs/tiny.sh"} <= names
+        assert not any(n.startswith("test-bundle-tpu/") for n in names)
+        assert not list(scripts.glob("*.partial"))
+    finally:
+        shutil.rmtree(scripts)

@@ -10,10 +10,12 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
-from vgg_jax import checkpoints
+from vgg_jax import checkpoints, data
+from vgg_jax.classifier import load
 
 from tiny_runs import TINY, free_port
 
@@ -79,13 +81,56 @@ def uninterrupted(tmp_path_factory, data_dir) -> Path:
 def test_run_writes_checkpoints_metrics_and_results(uninterrupted):
     results = json.loads((uninterrupted / "results.json").read_text())
     assert results["step"] == 12 and results["images"] == 40
-    assert 0.0 <= results["top1_error@36"] <= 100.0
-    assert list(uninterrupted.glob("events.out.tfevents.*"))
+    # The reported error, recounted here: the final weights on the evaluation's centre crops, argmax in numpy.
+    clf = load(str(uninterrupted))
+    predict = jax.jit(lambda x: clf.model.apply(clf.variables, x))
+    wrong = total = 0
+    for b in data.create_eval_iterator(clf.config.data, view="center", scale=36, global_batch_size=16):
+        logits = np.asarray(predict(b["image"]))[b["valid"]]
+        wrong += int((logits.argmax(1) != b["label"][b["valid"]]).sum())
+        total += int(b["valid"].sum())
+    assert total == 40 and results["top1_error@36"] == pytest.approx(100.0 * wrong / total)
+    # keep=3 newest, plus the best by validation top-1 of the evaluations at 6 and 12.
+    errors = logged(uninterrupted, "eval/top1_error@36")
+    best = 6 if errors[6] <= errors[12] else 12
     kept = sorted(int(p.name) for p in (uninterrupted / "checkpoints").iterdir() if p.name.isdigit())
-    # keep=3 newest, plus the best by validation top-1 (evaluated at 6 and 12).
-    assert kept[-3:] == [8, 10, 12] and set(kept) <= {6, 8, 10, 12}
+    assert kept == sorted({8, 10, 12, best}), (kept, errors)
     meta = checkpoints.read_meta(uninterrupted)
     assert meta["config"]["model"]["width"] == 4 and "plateau" in meta
+
+
+def logged(workdir: Path, tag: str) -> dict[int, float]:
+    """A scalar of the run's TensorBoard events by step."""
+    import tensorflow as tf
+
+    values = {}
+    for path in workdir.glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                if value.tag == tag:
+                    values[event.step] = float(tf.make_ndarray(value.tensor))
+    return values
+
+
+def test_plateau_lowers_the_learning_rate_inside_the_training_loop(tmp_path, data_dir):
+    """Paper Sect. 3.1 through the real loop: min_delta=2 means no evaluation ever improves, so with
+    patience 1 each evaluation divides the rate by 10, at most max_decreases=2 times."""
+    run_main(
+        tmp_path,
+        data_dir,
+        "--config.num_train_steps=8",
+        "--config.eval_every_steps=2",
+        "--config.checkpoint.every_steps=2",
+        "--config.optimizer.schedule=plateau",
+        "--config.optimizer.min_delta=2.0",
+        "--config.optimizer.max_decreases=2",
+    )
+    rates = logged(tmp_path, "train/learning_rate")  # the rate each logged step used
+    assert rates[2] == pytest.approx(0.02) and rates[4] == pytest.approx(0.002)
+    assert rates[6] == pytest.approx(0.0002) and rates[8] == pytest.approx(0.0002)
+    meta = checkpoints.read_meta(tmp_path)
+    assert meta["plateau"]["decreases"] == 2
+    assert json.loads((tmp_path / "results.json").read_text())["learning_rate"] == pytest.approx(0.0002)
 
 
 def test_same_seed_same_parameters(uninterrupted, tmp_path, data_dir):

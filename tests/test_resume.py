@@ -13,8 +13,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-import tensorflow as tf
-from test_main import REPO, last_line, latest_step, main_command, run_main
+from test_main import REPO, last_line, latest_step, logged, main_command, run_main
 
 from vgg_jax import checkpoints, convert
 from vgg_jax.classifier import load
@@ -34,16 +33,6 @@ def four_steps(tmp_path_factory, data_dir) -> Path:
 def copy_run(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
-
-
-def logged(workdir: Path, tag: str) -> dict[int, float]:
-    values = {}
-    for path in workdir.glob("events.out.tfevents.*"):
-        for event in tf.compat.v1.train.summary_iterator(str(path)):
-            for value in event.summary.value:
-                if value.tag == tag:
-                    values[event.step] = float(tf.make_ndarray(value.tensor))
-    return values
 
 
 def test_a_new_learning_rate_applies_on_resume_and_is_logged(four_steps, tmp_path, data_dir):

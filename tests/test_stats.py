@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from vgg_jax.data import stats, transforms
+from vgg_jax.data import stats
 from vgg_jax.data.config import IMAGENET_PCA_EIGVEC, TransformConfig, default_data_config
 
 # A known colour distribution (0..1 scale): ImageNet's eigen-vectors, chosen eigen-values.
@@ -73,11 +73,14 @@ def test_stats_match_numpy_and_recover_the_distribution():
 
 
 def test_stats_of_a_jpeg_and_grayscale_mix():
-    """Decoding goes through decode_rgb: a grayscale JPEG counts as R = G = B."""
+    """A grayscale JPEG counts as R = G = B: the reference pixels are Pillow's decode (libjpeg's accurate IDCT,
+    as the pipeline's), replicated to three channels."""
     grey = np.repeat(coloured_images(1, seed=3)[0][..., :1], 3, -1)
     buf = io.BytesIO()
     Image.fromarray(grey[..., 0]).save(buf, "JPEG", quality=95)
-    decoded = transforms.decode_rgb(buf.getvalue()).numpy()
+    with Image.open(io.BytesIO(buf.getvalue())) as image:
+        assert image.mode == "L"
+        decoded = np.repeat(np.asarray(image)[..., None], 3, -1)
     m = {k: v.numpy() for k, v in stats.pixel_moments(tf.constant(buf.getvalue())).items()}
     check_against_numpy(stats.stats_from_moments([m]), [decoded])
 

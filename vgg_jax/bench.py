@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from absl import flags
 
-from vgg_jax import cli
+from vgg_jax import cli, hardware
 
 # vgg_jax.models.REMAT_POLICIES, named here so that parsing the command line does not import jax.
 REMAT_CHOICES = ("none", "convs", "blocks")
@@ -206,8 +206,6 @@ def bench_eval(args: types.SimpleNamespace) -> None:
 
 # -- train, memory: the training step --------------------------------------------------------------
 
-# Dense bf16 tensor-core peak per device (TFLOP/s, vendor datasheets), by device-kind substring.
-BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 _MARK = "@bench@"  # prefix of the worker's protocol lines on stdout
 
 
@@ -223,13 +221,6 @@ def _train_model(args: types.SimpleNamespace):
         dtype=args.dtype,
         remat=args.remat,
     )
-
-
-def train_flops_per_image(model) -> float:
-    """Model FLOPs of training on one image: forward + backward = 3 forward passes, 2 FLOP per MAC."""
-    from vgg_jax import models
-
-    return 3 * 2 * models.forward_macs(model)
 
 
 def _optimizer_config():
@@ -481,9 +472,9 @@ def _peak_tflops(args: types.SimpleNamespace) -> tuple[float | None, str]:
     kind = jax.devices()[0].device_kind
     if jax.default_backend() == "cpu":
         return measured_matmul_tflops(args.dtype) * jax.device_count(), f"measured {args.dtype} matmul"
-    for name, peak in BF16_PEAK_TFLOPS.items():
-        if name in kind and args.dtype == "bfloat16":
-            return peak * jax.device_count(), "bf16 datasheet"
+    peak = hardware.peak_tflops(kind)
+    if peak and args.dtype == "bfloat16":
+        return peak * jax.device_count(), "bf16 datasheet"
     return None, f"unknown for {kind}: pass --peak_tflops"
 
 
@@ -506,6 +497,8 @@ def bench_train(args: types.SimpleNamespace) -> None:
         return _compare(args, threads)
     import jax
 
+    from vgg_jax import models
+
     peak, peak_source = _peak_tflops(args)
     print(
         f"{args.model} {args.image_size}px {args.dtype} remat={args.remat} accum={args.accum_steps} on "
@@ -525,7 +518,7 @@ def bench_train(args: types.SimpleNamespace) -> None:
             runner.step()
         times = [_timed(runner.step)[0] for _ in range(args.steps)]
         median = float(np.median(times))
-        tflops = runner.images * train_flops_per_image(runner.model) / median / 1e12
+        tflops = runner.images * models.train_flops_per_image(runner.model) / median / 1e12
         mem, source = _peak_memory()
         mfu = f"{tflops / peak:.1%}" if peak else "-"
         print(
@@ -542,6 +535,8 @@ def _serve(args: types.SimpleNamespace, threads: int) -> None:
     """Worker side of --compare_torch: build, then one timed step per 'step' line on stdin."""
     import json
 
+    from vgg_jax import models
+
     if args.worker == "torch":
         import torch
 
@@ -549,7 +544,7 @@ def _serve(args: types.SimpleNamespace, threads: int) -> None:
         runner = TorchTrainStep(args, args.batch[0])
     else:
         runner = JaxTrainStep(args, args.batch[0])
-    flops = runner.images * train_flops_per_image(runner.model)
+    flops = runner.images * models.train_flops_per_image(runner.model)
     peak = _peak_tflops(args) if args.worker == "jax" else (None, "")
     print(
         _MARK,
@@ -909,4 +904,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run(main, tensorflow=True)

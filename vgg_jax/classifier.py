@@ -60,9 +60,9 @@ class Classifier:
     def convention(self) -> preprocessing.InputConvention:
         return preprocessing.InputConvention.from_data_config(self.config.data)
 
-    def preprocess(self, images: ImageBatch) -> np.ndarray:
-        """float32 [N, crop, crop, 3]: shorter side -> ``scale`` (bilinear, antialiased when
-        shrinking), centre crop, then the checkpoint's input convention."""
+    def crops(self, images: ImageBatch) -> np.ndarray:
+        """float32 [N, crop, crop, 3] RGB on 0..255, what the model classifies: shorter side -> ``scale``
+        (bilinear, antialiased when shrinking), then the centre crop."""
         import tensorflow as tf
 
         if self.scale < self.crop_size:
@@ -73,8 +73,12 @@ class Classifier:
             h, w = convention.resized_size(*image.shape[:2], self.scale)
             resized = tf.image.resize(image, (h, w), "bilinear", antialias=True).numpy()
             top, left = convention.crop_offset(h, crop), convention.crop_offset(w, crop)
-            crops.append(convention.normalize(resized[None, top : top + crop, left : left + crop]).astype(np.float32))
+            crops.append(resized[None, top : top + crop, left : left + crop].astype(np.float32))
         return np.concatenate(crops)
+
+    def preprocess(self, images: ImageBatch) -> np.ndarray:
+        """The network input, float32 [N, crop, crop, 3]: ``crops`` in the checkpoint's input convention."""
+        return self.convention.normalize(self.crops(images)).astype(np.float32)
 
     def _batched(self, fn: Any, x: np.ndarray) -> list[Any]:
         """``fn(variables, chunk)`` over fixed-size chunks (padded: one compiled shape)."""

@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import flags
+from absl import flags, logging
+from clu import periodic_actions
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
@@ -136,7 +137,7 @@ POSTERIORS: dict[str, Callable[..., jax.Array]] = {
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "method"))
-def _posteriors_step(variables: Any, batch: Mapping[str, jax.Array], *, apply_fn: ApplyFn, method: str) -> jax.Array:
+def posteriors_step(variables: Any, batch: Mapping[str, jax.Array], *, apply_fn: ApplyFn, method: str) -> jax.Array:
     return POSTERIORS[method](apply_fn, variables, batch).astype(jnp.float32)
 
 
@@ -212,9 +213,16 @@ def run_pass(member: Member, method: str, scale: int, mesh: jax.sharding.Mesh, b
         names = np.asarray([n.decode() for n in local["file_name"][valid]], dtype=object)
         collected.append((local["index"][valid], local["label"][valid], _local_rows(posteriors)[valid], names))
 
-    for batch in batches:
+    logging.info(
+        "Evaluating %s with %s at Q=%d: %d batches of %d images", member.name, method, scale, len(batches), batch_size
+    )
+    # clu's progress report (rate, done/total, ETA) every 30 s; a "step" here is a batch.
+    progress = periodic_actions.ReportProgress(num_train_steps=len(batches), every_secs=30.0)
+    for i, batch in enumerate(batches, start=1):
+        if jax.process_index() == 0:
+            progress(i)
         inputs = sharding.to_global({k: batch[k] for k in _FIELDS[method]}, mesh)
-        posteriors = _posteriors_step(member.variables, inputs, apply_fn=member.apply_fn, method=method)
+        posteriors = posteriors_step(member.variables, inputs, apply_fn=member.apply_fn, method=method)
         if pending is not None:
             fetch(*pending)
         pending = (posteriors, {k: batch[k] for k in ("index", "label", "valid", "file_name")})
@@ -276,7 +284,7 @@ def _groups(passes: list[Pass], members: list[str], methods: tuple[str, ...], sc
     Rows: each pass; per member and method over all scales; per member over all methods; the
     ensemble of all members. Keys omit what has one value only (the model when one model, the
     method when one method), so a single-model single-method run has ``top1_error@Q`` per scale
-    and ``top1_error`` for the multi-scale result (``combine`` adds it for a single scale too).
+    and ``top1_error`` for the multi-scale result; each result has one key (the last row is the final one).
     """
     ensemble = len(members) > 1
     several = len(methods) > 1
@@ -352,8 +360,6 @@ def combine(
         rows.append(row)
         results[key.format("top1_error")] = row.top1_error
         results[key.format("top5_error")] = row.top5_error
-    results.setdefault("top1_error", rows[-1].top1_error)  # one model, method and scale: that pass
-    results.setdefault("top5_error", rows[-1].top5_error)
     results["images"] = rows[-1].images
     return rows, results
 
@@ -585,4 +591,4 @@ def write_predictions(path: str, final: Pass, data_config: ml_collections.Config
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run(main, tensorflow=True)

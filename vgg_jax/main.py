@@ -48,10 +48,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 def report(summary: dict) -> str:
-    """A readable results table of the final summary."""
-    rows = ["| metric | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in summary.items()]
+    """The final summary as a user reads it (errors in percent, steps, time, throughput), then as JSON."""
+    shown = {k: v for k, v in summary.items() if k != "learning_rate"}
+    rows = ["| result | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in shown.items()]
     return "\n".join(rows) + "\n" + json.dumps(summary)
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run(main, tensorflow=True)

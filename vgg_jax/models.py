@@ -372,3 +372,8 @@ def forward_macs(model: VGG, image_size: int | tuple[int, int] | None = None) ->
     macs += positions * window * window * channels * model.fc_width
     macs += positions * model.fc_width * (model.fc_width + model.num_classes)
     return macs
+
+
+def train_flops_per_image(model: VGG) -> int:
+    """Model FLOPs of training on one crop: forward and backward, about 3 forward passes, 2 FLOP per MAC."""
+    return 3 * 2 * forward_macs(model)

@@ -17,6 +17,8 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from vgg_jax.errors import ConfigError
+
 DATA, MODEL = "data", "model"
 
 # (regex on the '/'-joined parameter path, spec) for model-parallel FC layers. fc6/fc7 kernels are
@@ -109,7 +111,7 @@ def split_batch(
     if global_batch_size <= 0 or global_batch_size % (parts * accum_steps) or global_batch_size % num_processes:
         over = f"{parts} data-parallel devices" if num_devices else f"{num_processes} processes"
         micro = f" x {accum_steps} gradient-accumulation steps" if accum_steps > 1 else ""
-        raise ValueError(
+        raise ConfigError(
             f"{name}={global_batch_size} is not a positive multiple of the {over}{micro}: set "
             f"--config.{name} to a multiple of {math.lcm(parts * accum_steps, num_processes)}."
         )

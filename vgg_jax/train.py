@@ -12,12 +12,13 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 from etils import epath
 
-from vgg_jax import checkpoints, config_checks, data, evaluate, models, optim, preprocessing, sharding
+from vgg_jax import checkpoints, config_checks, data, evaluate, hardware, models, optim, preprocessing, sharding
 from vgg_jax.data.config import load_stats
 from vgg_jax.errors import ConfigError, TrainingDiverged
 from vgg_jax.train_step import TrainState, abstract_train_state, create_train_state, jit_train_step
@@ -246,6 +247,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             )
     step_fn = jit_train_step(shardings, sharding.batch_sharding(mesh), config.grad_accum_steps)
     preemption = PreemptionFlag()
+    throughput = Throughput(config, model, mesh)
 
     def save(step: int, before_eval: bool) -> None:
         meta = {
@@ -282,7 +284,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if pending_eval:  # the checkpoint was saved before its evaluation: evaluate it now
             last_eval = run_eval(step)
         while step < config.num_train_steps:
-            local = next(train_iter)
+            local = throughput.next_batch(train_iter)
             batch = sharding.to_global({"image": local["image"], "label": local["label"]}, mesh)
             state, step_metrics = step_fn(state, batch)
             step += 1
@@ -296,6 +298,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 hook(step)
             if step % config.log_every_steps == 0 or step == config.num_train_steps:
                 writer.write_scalars(step, {f"train/{k}": v for k, v in train_metrics.compute().items()})
+                throughput.report(step, writer)
                 train_metrics = None
             preempted = preemption.reached(step, ckpt.manager)
             evaluating = not preempted and (step % config.eval_every_steps == 0 or step == config.num_train_steps)
@@ -304,6 +307,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 save(step, before_eval=evaluating)  # before the evaluation: no evaluation error loses training
             if evaluating:
                 last_eval = run_eval(step)
+                throughput.reset()  # the evaluation's time is not the steps'
             if preempted:
                 logging.warning("Preempted at step %d: checkpoint saved, stopping.", step)
                 break
@@ -315,16 +319,74 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     if last_eval is None and step >= config.num_train_steps:
         last_eval = run_eval(step)  # a finished run restarted without its results.json
+    seconds = time.time() - started
     summary = {
         "step": step,
         "model": config.model.name,
-        "train_seconds": round(time.time() - started, 1),
-        "learning_rate": float(optim.current_learning_rate(state.opt_state)),
+        "dataset": f"{config.data.dataset} {config.data.eval_split}",
+        "train_seconds": round(seconds, 1),
+        "images_per_second": round((step - start_step) * config.global_batch_size / max(seconds, 1e-9), 1),
         **(last_eval or {}),
+        "learning_rate": float(optim.current_learning_rate(state.opt_state)),  # the final one, for a resume
     }
     if jax.process_index() == 0:
         results_path.write_text(json.dumps(summary, indent=2))
     return summary
+
+
+class Throughput:
+    """Where a logging interval's time went. Reports images/s per device, milliseconds per step, the time the
+    loop waited for the next input batch, and MFU where the device's peak is known (``vgg_jax.hardware``).
+
+    Batches are prefetched in the background and the device runs the previous step while the loop waits,
+    so the input share stays near 0 while the accelerator is the bottleneck and rises towards 1 when the
+    input cannot keep up (the accelerator then idles for part of the wait): above ``max_input_share`` it
+    warns that the run is input-bound.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, model: models.VGG, mesh: jax.sharding.Mesh):
+        self.batch, self.devices = config.global_batch_size, mesh.devices.size
+        self.flops = models.train_flops_per_image(model) * self.batch
+        # MFU against the bfloat16 peak, so for bfloat16 (or float16) computation only.
+        low_precision = jnp.dtype(model.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        self.peak = hardware.peak_tflops(mesh.devices.flat[0].device_kind) if low_precision else None
+        self.max_input_share, self.intervals = 0.1, 0
+        self.reset()
+
+    def reset(self) -> None:
+        self.started, self.input_s, self.steps = time.perf_counter(), 0.0, 0
+
+    def next_batch(self, iterator: Any) -> Any:
+        started = time.perf_counter()
+        batch = next(iterator)
+        self.input_s += time.perf_counter() - started
+        self.steps += 1
+        return batch
+
+    def report(self, step: int, writer: Any) -> None:
+        seconds = time.perf_counter() - self.started
+        if not self.steps or seconds <= 0:
+            return
+        share = self.input_s / seconds
+        scalars = {
+            "perf/images_per_second_per_device": self.steps * self.batch / seconds / self.devices,
+            "perf/step_ms": 1e3 * seconds / self.steps,
+            "perf/input_ms": 1e3 * self.input_s / self.steps,
+            "perf/input_share": share,
+        }
+        if self.peak:
+            scalars["perf/mfu"] = self.steps * self.flops / seconds / (self.peak * 1e12 * self.devices)
+        writer.write_scalars(step, scalars)
+        self.intervals += 1
+        if share > self.max_input_share and self.intervals > 1:  # the first interval includes compiling
+            logging.warning(
+                "Step %d: %.0f%% of the time waited for input batches: the run is input-bound. Raise "
+                "--config.data.num_parallel_calls (default: tf.data AUTOTUNE) or use more host CPU cores per "
+                "accelerator (docs/benchmarks.md: the training transform's images/s per core).",
+                step,
+                100 * share,
+            )
+        self.reset()
 
 
 def _check_finite(step: int, step_metrics: Any, ckpt: checkpoints.Checkpointer) -> None:

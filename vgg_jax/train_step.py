@@ -26,8 +26,9 @@ class TrainState(train_state.TrainState):
 @flax.struct.dataclass
 class TrainMetrics(metrics.Collection):
     loss: metrics.Average.from_output("loss")
-    top1: metrics.Average.from_output("top1")
-    top5: metrics.Average.from_output("top5")
+    # Top-1 / top-5 error in percent on the training batches: the paper's unit, as the evaluations report it.
+    top1_error: metrics.Average.from_output("top1_error")
+    top5_error: metrics.Average.from_output("top5_error")
     learning_rate: metrics.LastValue.from_output("learning_rate")
     # 1.0 when every merged step had a finite loss and gradient.
     finite: metrics.Average.from_output("finite")
@@ -121,8 +122,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], accum_steps: int 
     )
     step_metrics = TrainMetrics.single_from_model_output(
         loss=loss,
-        top1=topk_correct(logits, labels, 1),
-        top5=topk_correct(logits, labels, min(5, logits.shape[-1])),
+        top1_error=100.0 * (1.0 - topk_correct(logits, labels, 1)),
+        top5_error=100.0 * (1.0 - topk_correct(logits, labels, min(5, logits.shape[-1]))),
         learning_rate=optim.current_learning_rate(state.opt_state),
         finite=finite.astype(jnp.float32),
     )
@@ -140,20 +141,23 @@ CPU_COMPILER_OPTIONS = {
 }
 
 
-def compiler_options() -> dict[str, str] | None:
-    """XLA options for the train step on the default backend (``CPU_COMPILER_OPTIONS`` on CPU)."""
-    if jax.default_backend() != "cpu":
+def compiler_options(platform: str | None = None) -> dict[str, str] | None:
+    """XLA options for the train step on ``platform`` (default: the default backend): ``CPU_COMPILER_OPTIONS``
+    on CPU, none elsewhere."""
+    if (platform or jax.default_backend()) != "cpu":
         return None
     flags = os.environ.get("XLA_FLAGS", "")
     return {k: v for k, v in CPU_COMPILER_OPTIONS.items() if k not in flags} or None
 
 
 def jit_train_step(state_shardings: Any, batch_sharding: Any, accum_steps: int = 1):
-    """``train_step`` under jit: state and batch placed by the given shardings, state donated."""
+    """``train_step`` under jit: state and batch placed by the given shardings, state donated; compiled for
+    the platform of the batch's devices (a TPU topology's too, on a machine without one)."""
+    platform = next(iter(batch_sharding.device_set)).platform
     return jax.jit(
         functools.partial(train_step, accum_steps=accum_steps),
         in_shardings=(state_shardings, batch_sharding),
         out_shardings=(state_shardings, None),
         donate_argnums=0,
-        compiler_options=compiler_options(),
+        compiler_options=compiler_options(platform),
     )

@@ -1,0 +1,315 @@
+"""Named one-line bugs in the core modules and the tests that must catch each (docs/testing.md).
+
+A mutant replaces ``find`` (which must occur exactly ``count`` times in ``file``) by ``replace``. Add one
+whenever a bug slips through review: the list grows with the code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str
+    find: str
+    replace: str
+    tests: tuple[str, ...]  # pytest arguments: files, node ids, or "-k", "expr"
+    count: int = 1
+
+
+M, T = "vgg_jax/models.py", "vgg_jax/train_step.py"
+OPT, TR = "vgg_jax/optim.py", "vgg_jax/train.py"
+C, X = "vgg_jax/checkpoints.py", "vgg_jax/data/transforms.py"
+P, E, V = "vgg_jax/data/pipeline.py", "vgg_jax/evaluate.py", "vgg_jax/convert.py"
+MAIN = "tests/test_main.py"
+# tests/test_train_step.py without its multi-process and compile-heavy tests (which a step mutant also breaks)
+STEP = ("tests/test_train_step.py", "-k", "not two_processes and not fc_sharding and not on_a_mesh and not remat")
+
+MUTANTS = [
+    # models: the networks and their regularisation
+    Mutant(
+        "lrn_alpha_divided_by_n",
+        M,
+        "bias + alpha * window_sum",
+        "bias + alpha / size * window_sum",
+        ("tests/test_models.py",),
+    ),
+    Mutant(
+        "lrn_window_too_narrow", M, "<= size // 2, jnp.float32", "< size // 2, jnp.float32", ("tests/test_models.py",)
+    ),
+    Mutant("avg_pool_instead_of_max", M, ".max(axis=(2, 4))", ".mean(axis=(2, 4))", ("tests/test_models.py",)),
+    Mutant(
+        "no_relu_after_convs",
+        M,
+        'x = self._tap(f"relu{name}", nn.relu(x))',
+        'x = self._tap(f"relu{name}", x)',
+        ("tests/test_models.py",),
+    ),
+    Mutant(
+        "dropout_never_applied",
+        M,
+        "deterministic=not train",
+        "deterministic=True",
+        ("tests/test_models.py", *STEP),
+        count=2,
+    ),
+    Mutant(
+        "dropout_also_at_test_time",
+        M,
+        "deterministic=not train",
+        "deterministic=False",
+        ("tests/test_models.py",),
+        count=2,
+    ),
+    Mutant(
+        "fc7_dropout_missing",
+        M,
+        'x = self._tap("relu7", nn.relu(x))\n        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)',
+        'x = self._tap("relu7", nn.relu(x))',
+        ("tests/test_models.py", *STEP),
+    ),
+    Mutant("bn_momentum_ignored", M, "momentum=0.9,", "momentum=0.99,", ("tests/test_models.py",)),
+    Mutant(
+        "init_std_ignored",
+        M,
+        "nn.initializers.normal(stddev=std)",
+        "nn.initializers.normal(stddev=0.01)",
+        ("tests/test_models.py",),
+    ),
+    Mutant(
+        "staged_init_skips_conv3_2", M, '"conv3_1", "conv3_2", "fc6"', '"conv3_1", "fc6"', ("tests/test_models.py",)
+    ),
+    # train step: randomness, accumulation, the finite guard
+    Mutant(
+        "same_dropout_mask_every_step",
+        T,
+        "rng = jax.random.fold_in(state.dropout_rng, state.step)",
+        "rng = state.dropout_rng",
+        STEP,
+    ),
+    Mutant("same_dropout_mask_every_micro_batch", T, "jax.random.fold_in(rng, m)", "rng", STEP),
+    Mutant("accumulated_gradient_not_averaged", T, "g / accum_steps", "g", STEP),
+    Mutant(
+        "finite_guard_ignores_gradient",
+        T,
+        "finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))",
+        "finite = jnp.isfinite(loss)",
+        STEP,
+    ),
+    Mutant(
+        "batch_stats_not_updated",
+        T,
+        "batch_stats=new_stats), lambda s: s",
+        "batch_stats=s.batch_stats), lambda s: s",
+        STEP,
+    ),
+    Mutant("top1_is_top2", T, "jax.lax.top_k(scores, k)", "jax.lax.top_k(scores, k + 1)", STEP),
+    # optimizer and schedules
+    Mutant(
+        "biases_always_decayed",
+        OPT,
+        "decay_biases or path[-1].key",
+        "True or path[-1].key",
+        STEP,
+    ),
+    Mutant("decay_biases_ignored", OPT, "decay_biases or path[-1].key", "path[-1].key", STEP),
+    Mutant("nesterov_ignored", OPT, "nesterov=config.nesterov", "nesterov=False", STEP),
+    Mutant(
+        "plateau_patience_off_by_one",
+        OPT,
+        "self.bad_evals >= self.patience",
+        "self.bad_evals > self.patience",
+        STEP,
+    ),
+    Mutant(
+        "plateau_one_decrease_too_many",
+        OPT,
+        "self.decreases < self.max_decreases",
+        "self.decreases <= self.max_decreases",
+        STEP,
+    ),
+    Mutant(
+        "plateau_min_delta_sign",
+        OPT,
+        "self.best + self.min_delta",
+        "self.best - self.min_delta",
+        STEP,
+    ),
+    Mutant(
+        "frozen_and_trained_swapped",
+        OPT,
+        '"train" if re.fullmatch',
+        '"freeze" if re.fullmatch',
+        STEP,
+    ),
+    Mutant(
+        "step_schedule_never_decays",
+        OPT,
+        "int(b): config.decay_factor for b",
+        "int(b): 1.0 for b",
+        STEP,
+    ),
+    # the training loop
+    Mutant(
+        "plateau_decision_dropped",
+        TR,
+        "state = plateau_update(state, plateau, top1, step)",
+        "plateau_update(state, plateau, top1, step)",
+        (MAIN, "-k", "plateau"),
+    ),
+    Mutant("plateau_keeps_the_rate", TR, "* plateau.factor", "* 1.0", (MAIN, "-k", "plateau")),
+    Mutant(
+        "resume_ignores_new_learning_rate",
+        TR,
+        "state = apply_learning_rate(state, config, plateau)",
+        "pass",
+        ("tests/test_resume.py", "-k", "learning_rate"),
+    ),
+    Mutant(
+        "iterator_not_restored",
+        TR,
+        "relayout = train_iter.resume(start.data_states)",
+        "relayout = None",
+        (MAIN, "-k", "sigkill_then_resume"),
+    ),
+    Mutant(
+        "no_checkpoint_before_evaluation",
+        TR,
+        "save(step, before_eval=evaluating)",
+        "save(step, before_eval=evaluating) if not evaluating else None",
+        ("tests/test_resume.py", "-k", "evaluation_error"),
+    ),
+    # checkpoints
+    Mutant(
+        "keep_best_keeps_the_worst",
+        C,
+        "key=lambda s: (self.scores[s], -s)",
+        "key=lambda s: (-self.scores[s], -s)",
+        ("tests/test_checkpoints.py",),
+    ),
+    Mutant(
+        "checksums_not_compared",
+        C,
+        'elif got[0] != want["sha256"]:',
+        "elif False:",
+        ("tests/test_resume.py", "-k", "four_ways or set_aside"),
+    ),
+    Mutant(
+        "resume_does_not_verify",
+        C,
+        "problems = verify_step(self.directory / str(step))",
+        "problems = []",
+        ("tests/test_resume.py", "-k", "set_aside"),
+    ),
+    # transforms
+    Mutant("pca_eigval_on_wrong_scale", X, "tf.float32) * 255.0", "tf.float32)", ("tests/test_transforms.py",)),
+    Mutant(
+        "always_flipped",
+        X,
+        "flip = tf.logical_and(config.flip, u[3] < 0.5)",
+        "flip = tf.constant(config.flip)",
+        ("tests/test_transforms.py",),
+    ),
+    Mutant(
+        "scale_max_never_drawn",
+        X,
+        "(config.scale_max - config.scale_min + 1)",
+        "(config.scale_max - config.scale_min)",
+        ("tests/test_transforms.py",),
+    ),
+    Mutant(
+        "mean_added",
+        X,
+        "shift = -tf.constant(config.mean_rgb",
+        "shift = tf.constant(config.mean_rgb",
+        ("tests/test_transforms.py",),
+    ),
+    Mutant("std_ignored", X, "if config.std_rgb != (1.0, 1.0, 1.0):", "if False:", ("tests/test_transforms.py",)),
+    Mutant(
+        "multicrop_grid_misses_the_border",
+        X,
+        "(hw[:, None] - c)) // (grid - 1)",
+        "(hw[:, None] - c)) // grid",
+        ("tests/test_transforms.py",),
+    ),
+    Mutant(
+        "torchvision_crop_offset_floored",
+        X,
+        "tf.round(tf.cast(size - crop, tf.float64) / 2.0)",
+        "tf.floor(tf.cast(size - crop, tf.float64) / 2.0)",
+        ("tests/test_preprocessing.py",),
+    ),
+    # input pipeline
+    Mutant(
+        "eval_drops_a_partial_last_batch",
+        P,
+        "num_batches = -(-max(s.num_examples for s in shards) // batch)",
+        "num_batches = max(s.num_examples for s in shards) // batch",
+        ("tests/test_pipeline.py",),
+    ),
+    Mutant(
+        "same_chunk_order_every_epoch",
+        P,
+        '_fold(base, _SEED_TAGS["chunks"], epoch)',
+        '_fold(base, _SEED_TAGS["chunks"])',
+        ("tests/test_pipeline.py",),
+    ),
+    Mutant(
+        "same_augmentation_every_epoch",
+        P,
+        '_fold(base, _SEED_TAGS["augment"], el["epoch"], el["index"])',
+        '_fold(base, _SEED_TAGS["augment"], el["index"])',
+        ("tests/test_pipeline.py",),
+    ),
+    Mutant(
+        "resume_repeats_an_example",
+        P,
+        'int(b["position"][-1]) + 1',
+        'int(b["position"][-1])',
+        ("tests/test_pipeline.py",),
+    ),
+    Mutant(
+        "process_shards_overlap",
+        P,
+        "infos[:process_index])",
+        "infos[: max(process_index - 1, 0)])",
+        ("tests/test_pipeline.py",),
+    ),
+    # evaluation
+    Mutant(
+        "dense_without_flip",
+        E,
+        "batch: Mapping[str, jax.Array], flip: bool = True",
+        "batch: Mapping[str, jax.Array], flip: bool = False",
+        ("tests/test_evaluate.py",),
+    ),
+    Mutant(
+        "multicrop_only_two_views",
+        E,
+        "jax.lax.scan(add, first, views[1:])",
+        "jax.lax.scan(add, first, views[1:2])",
+        ("tests/test_evaluate.py",),
+    ),
+    Mutant(
+        "scales_not_averaged",
+        E,
+        "sum(p.posteriors.astype(np.float64) for p in group) / len(group)",
+        "group[0].posteriors.astype(np.float64)",
+        ("tests/test_evaluate.py",),
+    ),
+    Mutant("top5_is_top4", E, "k5 = min(5, ", "k5 = min(4, ", ("tests/test_evaluate.py",)),
+    Mutant(
+        "dense_positions_off_by_one",
+        E,
+        "canvas // models.STRIDE + size // models.STRIDE, 0)",
+        "canvas // models.STRIDE + size // models.STRIDE + 1, 0)",
+        ("tests/test_evaluate.py",),
+    ),
+    # conversion
+    Mutant(
+        "torch_kernel_axes_swapped", V, ".transpose(2, 3, 1, 0)", ".transpose(3, 2, 1, 0)", ("tests/test_convert.py",)
+    ),
+    Mutant("bgr_weights_not_flipped", V, "if layout in BGR_LAYOUTS:", "if False:", ("tests/test_convert.py",)),
+]
