@@ -288,15 +288,25 @@ class Run:
 def find_batch(run: Run, remat: str, step: int = 8, start: int = 32) -> tuple[int, list[Compiled]]:
     """The largest per-chip batch (a multiple of ``step``) whose train step fits, and the compiles it took.
 
-    Memory grows linearly with the batch, so two compiles predict the limit; compiles around the
-    prediction confirm it (a fitting batch whose next multiple does not fit).
+    Two compiles predict the limit from a linear fit; past the prediction the search widens its
+    stride (the TPU compiler rematerialises to fit, so memory can grow far slower than linearly),
+    then bisects to a fitting batch whose next multiple does not fit.
     """
     chips, hbm = run.spec.chips, run.spec.hbm_bytes
     tried: dict[int, Compiled] = {}
 
     def attempt(per_chip: int) -> Compiled:
         if per_chip not in tried:
-            tried[per_chip] = compile_for(f"train b={per_chip} {remat}", run.lower_train(per_chip * chips, remat), hbm)
+            c = compile_for(f"train b={per_chip} {remat}", run.lower_train(per_chip * chips, remat), hbm)
+            tried[per_chip] = c
+            # One line per compile: a search takes several, each minutes long at large batches.
+            size = _gib(c.total) if c.total else c.error or "-"
+            verdict = f"fits, {c.flops / per_chip / 1e9:.1f} GFLOP per image" if c.fits else "does not fit"
+            print(
+                f"find_batch remat={remat}: {per_chip} per chip: {size}, {verdict} ({c.compile_s:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
         return tried[per_chip]
 
     low = start
@@ -309,8 +319,9 @@ def find_batch(run: Run, remat: str, step: int = 8, start: int = 32) -> tuple[in
         a, b = tried[low], tried[high]
         slope = (b.total - a.total) / (high - low)
         guess = max(high, int((hbm - (a.total - slope * low)) / max(slope, 1.0)) // step * step)
+        stride = step
         while attempt(guess).fits:
-            low, guess = guess, guess + step
+            low, guess, stride = guess, guess + stride, 2 * stride
         high = guess
     while high - low > step:  # bisection on multiples of step
         mid = (low + high) // 2 // step * step
@@ -429,11 +440,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{train.flops / (0.5 * peak * 1e12) * 1e3:.0f} ms per step"
         )
     if values.find_batch:
-        print("\n| remat | largest per-chip batch that fits | total at that batch | compiles |\n|---|---|---|---|")
+        print(
+            "\n| remat | largest per-chip batch that fits | total at that batch | GFLOP per image there | compiles |"
+            "\n|---|---|---|---|---|"
+        )
         for remat in [values.remat] if values.remat else ["none", "convs", "blocks"]:
             best, tried = find_batch(run, remat)
             at = next((t for t in tried if t.what.startswith(f"train b={best} ")), None)
-            print(f"| {remat} | {best} | {_gib(at.total) if at else '-'} | {len(tried)} |", flush=True)
+            flops = f"{at.flops / best / 1e9:.1f}" if at else "-"
+            print(f"| {remat} | {best} | {_gib(at.total) if at else '-'} | {flops} | {len(tried)} |", flush=True)
     fits = all(r.fits for r in results)
     print("fits" if fits else "does not fit")
     return 0 if fits else EXIT_DOES_NOT_FIT
