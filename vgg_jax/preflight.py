@@ -301,7 +301,7 @@ def find_batch(run: Run, remat: str, step: int = 8, start: int = 32) -> tuple[in
             tried[per_chip] = c
             # One line per compile: a search takes several, each minutes long at large batches.
             size = _gib(c.total) if c.total else c.error or "-"
-            verdict = f"fits, {c.flops / per_chip / 1e9:.1f} GFLOP per image" if c.fits else "does not fit"
+            verdict = f"fits, {_gflop_per_image(c, per_chip)} GFLOP per image" if c.fits else "does not fit"
             print(
                 f"find_batch remat={remat}: {per_chip} per chip: {size}, {verdict} ({c.compile_s:.0f} s)",
                 file=sys.stderr,
@@ -370,6 +370,10 @@ def define_flags(values: flags.FlagValues, argv: list[str]) -> None:
 
 def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _gflop_per_image(c: Compiled, per_chip: int) -> str:
+    return f"{c.flops / per_chip / 1e9:.1f}"
 
 
 def report(run: Run, results: list[Compiled], global_batch: int, hosts: int) -> str:
@@ -447,8 +451,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for remat in [values.remat] if values.remat else ["none", "convs", "blocks"]:
             best, tried = find_batch(run, remat)
             at = next((t for t in tried if t.what.startswith(f"train b={best} ")), None)
-            flops = f"{at.flops / best / 1e9:.1f}" if at else "-"
-            print(f"| {remat} | {best} | {_gib(at.total) if at else '-'} | {flops} | {len(tried)} |", flush=True)
+            total, flops = (_gib(at.total), _gflop_per_image(at, best)) if at else ("-", "-")
+            print(f"| {remat} | {best} | {total} | {flops} | {len(tried)} |", flush=True)
     fits = all(r.fits for r in results)
     print("fits" if fits else "does not fit")
     return 0 if fits else EXIT_DOES_NOT_FIT
