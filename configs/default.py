@@ -83,6 +83,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint.keep = 3  # newest N
     config.checkpoint.keep_best = 1  # plus the best N by validation top-1
     config.checkpoint.async_save = True
+    # A step without checksum files is damaged or foreign (vgg_jax writes them for every step): refused unless
+    # allowed here (resume, init_from, staged_init_from). docs/training.md#checkpoints
+    config.checkpoint.allow_unverified = False
+    # When every checkpoint of the workdir is damaged, start afresh (setting them aside) instead of stopping.
+    config.checkpoint.fresh_start_if_damaged = False
 
     config.log_every_steps = 100
     # clu profiler window: capture num_steps steps starting at start_step (-1: never).

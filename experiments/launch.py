@@ -10,19 +10,21 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from absl import flags
+from etils import epath
 
 if __package__ in (None, ""):  # `python experiments/launch.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments import slurm, status, sweeps, tpu  # noqa: E402
 from experiments.plan import Job, plan, write_manifest  # noqa: E402
-from vgg_jax import cli  # noqa: E402
+from vgg_jax import cli, storage  # noqa: E402
 from vgg_jax.errors import UserError  # noqa: E402
 
 MODES = ("local", "tpu", "slurm")
@@ -35,14 +37,16 @@ def is_done(job: Job) -> bool:
 
 
 def run_local(jobs: Sequence[Job], root: str, *, dry_run: bool = False, echo: Callable[[str], None] = print) -> None:
-    """Runs the jobs one after another in this machine's Python, each logging to ``<root>/logs/<job>.log``.
+    """Runs the jobs one after another in this machine's Python, each logging to ``<root>/logs/<job>.log``
+    (under a gs:// root: written locally while the job runs, copied there when it ends).
 
     Finished jobs are skipped. ``<root>/launch.jsonl`` records each job's start, end and skip.
     """
-    logs = Path(root) / "logs"
+    logs = storage.path(root) / "logs"
+    local_logs = storage.path(tempfile.mkdtemp(prefix="vgg_jax_logs_")) if "://" in root else logs
 
     def record(job: Job, event: str, **extra) -> None:
-        with open(Path(root) / "launch.jsonl", "a") as f:
+        with (storage.path(root) / "launch.jsonl").open("a") as f:
             f.write(json.dumps(dict(job=job.name, event=event, time=time.time(), **extra)) + "\n")
 
     for i, job in enumerate(jobs, 1):
@@ -55,20 +59,24 @@ def run_local(jobs: Sequence[Job], root: str, *, dry_run: bool = False, echo: Ca
         echo(f"{prefix}: {job.command()}")
         if dry_run:
             continue
-        logs.mkdir(parents=True, exist_ok=True)
-        log = logs / f"{job.name}.log"
+        local_logs.mkdir(parents=True, exist_ok=True)
+        log = local_logs / f"{job.name}.log"
+        if local_logs != logs and (logs / log.name).exists():  # the job's earlier log, to append to
+            log.write_bytes((logs / log.name).read_bytes())
         record(job, "start", command=job.command())
         started = time.time()
-        with open(log, "a") as f:
+        with log.open("a") as f:  # a local file: the job's output goes straight to it
             proc = subprocess.Popen([sys.executable, *job.args], cwd=sweeps.REPO, stdout=f, stderr=subprocess.STDOUT)
             code = _wait_reporting(proc, log, echo, prefix)
+        if local_logs != logs:
+            (logs / log.name).write_bytes(log.read_bytes())
         seconds = round(time.time() - started, 1)
         if code != 0 or not is_done(job):
             record(job, "failed", seconds=seconds, exit_code=code)
             tail = "".join(log.read_text().splitlines(keepends=True)[-25:])
             why = f"exited with {code}" if code else "ended before its last step (stopped or preempted)"
             raise SystemExit(
-                f"{prefix} {why}; the end of {log}:\n{tail}\nFix it and rerun the same command: "
+                f"{prefix} {why}; the end of {logs / log.name}:\n{tail}\nFix it and rerun the same command: "
                 "finished jobs are skipped and this one resumes from its last checkpoint."
             )
         record(job, "done", seconds=seconds)
@@ -153,7 +161,7 @@ def define_flags(values: flags.FlagValues, argv: list[str]) -> None:
 
 
 def _wait_reporting(
-    proc: subprocess.Popen, log: Path, echo: Callable[[str], None], prefix: str, every: float = 60.0
+    proc: subprocess.Popen, log: epath.Path, echo: Callable[[str], None], prefix: str, every: float = 60.0
 ) -> int:
     """Waits for a job, echoing the newest progress line its log gained (clu's ReportProgress: rate, done/total,
     ETA) every ``every`` seconds."""
@@ -194,7 +202,7 @@ def _split(text: str) -> list[str]:
 def build_sweep(args: types.SimpleNamespace, overrides: Sequence[str]) -> sweeps.Sweep:
     if args.config:
         path, _, arg = args.config.partition(":")
-        name = args.name or "-".join([Path(path).stem, *_split(arg)])
+        name = args.name or "-".join([epath.Path(path).stem, *_split(arg)])
         sweep = sweeps.from_overrides(name, args.config, {name: ()}, overrides)
     elif args.sweep == "paper":
         options = dict(staged=args.staged, tables=_split(args.tables), overrides=overrides)
@@ -226,8 +234,7 @@ def launch(args: types.SimpleNamespace, overrides: Sequence[str]) -> None:
     sweep = build_sweep(args, overrides)
     root = args.root or f"runs/{sweep.name}"
     remote = "://" in root
-    if not remote:
-        root = str(Path(root).resolve())
+    root = str(storage.path(root))
     jobs = plan(sweep, root, distributed=args.mode != "local")
     print(f"Sweep {sweep.name!r}: {len(jobs)} jobs under {root}")
     if not args.dry_run:

@@ -6,6 +6,7 @@ docs/backbone.md#style-transfer
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -17,7 +18,7 @@ import optax
 from absl import flags
 from PIL import Image
 
-from vgg_jax import checkpoints, cli, losses, models, preprocessing
+from vgg_jax import checkpoints, cli, losses, models, preprocessing, storage
 from vgg_jax.errors import UserError
 
 CONTENT_LAYERS = ("relu4_2",)
@@ -26,10 +27,18 @@ STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
 
 def load_image(path: str, size: int) -> np.ndarray:
     """An RGB image as float32 (1, H, W, 3) in [0, 1], its shorter side resized to ``size``."""
-    image = Image.open(path).convert("RGB")
+    image = Image.open(io.BytesIO(storage.path(path).read_bytes())).convert("RGB")  # local or gs://
     scale = size / min(image.size)
     image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BICUBIC)
     return (np.asarray(image, np.float32) / 255.0)[None]
+
+
+def _image_format(suffix: str) -> str:
+    """PIL's format for a file suffix ('.png' -> 'PNG'), as ``Image.save(path)`` would pick it."""
+    formats = Image.registered_extensions()
+    if suffix.lower() not in formats:
+        raise UserError(f"--out must end in an image suffix PIL writes (.png, .jpg, ...), not {suffix!r}.")
+    return formats[suffix.lower()]
 
 
 def style_layer_weights(model: models.VGG, style_weight: float) -> dict[str, float]:
@@ -125,7 +134,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         style_weight=values.style_weight,
         tv_weight=values.tv_weight,
     )
-    Image.fromarray(np.round(image[0] * 255).astype(np.uint8)).save(values.out)
+    out = storage.path(values.out)
+    encoded = io.BytesIO()
+    Image.fromarray(np.round(image[0] * 255).astype(np.uint8)).save(encoded, format=_image_format(out.suffix))
+    out.write_bytes(encoded.getvalue())
     summary = {"out": values.out, "steps": values.steps, "initial_loss": history[0], "final_loss": history[-1]}
     print(json.dumps(summary))
     return summary

@@ -14,6 +14,7 @@ from typing import Any
 
 import ml_collections
 from absl import flags
+from etils import epath
 from ml_collections import config_flags
 
 from vgg_jax import cli
@@ -354,9 +355,8 @@ def reduced(
             extra.append(f"--config.optimizer.learning_rate={lr / 10:g}")
         return base_config, tuple(extra)
 
-    return _table3(
-        f"paper-reduced-{Path(base_config.partition(':')[0]).stem}", nets, scales, run_config, staged, tables, overrides
-    )
+    name = f"paper-reduced-{epath.Path(base_config.partition(':')[0]).stem}"
+    return _table3(name, nets, scales, run_config, staged, tables, overrides)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -375,7 +375,7 @@ def from_overrides(
 _FILE_KEYS = {"name", "config", "overrides", "runs", "evals"}
 
 
-def load(path: str | Path, overrides: Sequence[str] = ()) -> Sweep:
+def load(path: str | epath.Path, overrides: Sequence[str] = ()) -> Sweep:
     """A sweep from JSON (experiments/README.md): ``{"name", "config", "overrides", "runs", "evals"}``.
 
     ``runs`` maps run names to override lists, or lists run objects (``name``, ``overrides``, and
@@ -384,7 +384,7 @@ def load(path: str | Path, overrides: Sequence[str] = ()) -> Sweep:
     ``overrides`` (the launcher's command line).
     """
     try:
-        spec = json.loads(Path(path).read_text())
+        spec = json.loads(epath.Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"Cannot read the sweep file {path}: {e}") from e
     if not isinstance(spec, dict) or "runs" not in spec:
@@ -392,7 +392,7 @@ def load(path: str | Path, overrides: Sequence[str] = ()) -> Sweep:
     unknown = set(spec) - _FILE_KEYS
     if unknown:
         raise ValueError(f"{path}: unknown keys {sorted(unknown)}; allowed: {sorted(_FILE_KEYS)}.")
-    name = spec.get("name", Path(path).stem)
+    name = spec.get("name", epath.Path(path).stem)
     common = tuple(spec.get("overrides", ()))
     check_overrides(common, where=f"{path} 'overrides'")
     runs = spec["runs"]

@@ -16,6 +16,7 @@ LAYERS = {
     "vgg_jax.hardware": 0,
     "vgg_jax.preprocessing": 0,
     "vgg_jax.cli": 1,
+    "vgg_jax.storage": 1,
     "vgg_jax.models": 1,
     "vgg_jax.sharding": 1,
     "vgg_jax.optim": 1,
@@ -108,3 +109,69 @@ def test_loading_configs_imports_no_tensorflow_and_no_checkpoints():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip() == "[]", out.stdout
+
+
+# docs/architecture.md#storage: a user's path may be gs://, so every file at a user-given location is touched
+# through etils.epath (vgg_jax.storage.path) or tf.io.gfile. os, open, shutil, glob, pathlib and PIL/numpy/h5py/
+# torch/tarfile readers given the string see "gs://b/x" as a local folder "gs:" (or fail). Readers may take a
+# file object (io.BytesIO of the bytes read through epath). These calls touch local files only, by nature:
+LOCAL_BY_NATURE = {
+    ("experiments/launch.py", "Path(args.scripts_dir"): "the tpu/slurm scripts that this machine's shell runs",
+    ("experiments/tpu.py", "tarfile.open(partial"): "the code bundle beside those scripts",
+    ("experiments/sweeps.py", "Path(path)"): "experiment configs: Python files that ml_collections imports",
+}
+_OS_FILE_CALLS = {"makedirs", "mkdir", "listdir", "scandir", "walk", "remove", "unlink", "rename", "replace", "rmdir"}
+_OS_FILE_CALLS |= {"stat", "chmod", "removedirs", "truncate", "symlink", "link", "utime", "chown"}
+_READERS = {"Image.open", "np.load", "np.save", "np.savez", "h5py.File", "torch.load", "torch.save"}
+_READERS |= {"load_file", "save_file"}
+
+
+def raw_file_calls(source: str) -> list[tuple[int, str]]:
+    """(line, call) of every call in ``source`` that touches a path as a local one (see LOCAL_BY_NATURE)."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Call):
+            continue
+        name, call = ast.unparse(node.func), ast.unparse(node)
+        first = node.args[0] if node.args else None
+        file_object = isinstance(first, ast.Call) and ast.unparse(first.func).split(".")[-1] in ("BytesIO", "_file")
+        if (
+            name == "open"
+            or name.startswith("os.path.")
+            or (name.startswith("os.") and name[3:] in _OS_FILE_CALLS)
+            or (name.startswith("shutil.") and name != "shutil.which")
+            or name.split(".")[0] in ("glob", "fcntl")
+            or (name in ("Path", "pathlib.Path", "PurePath") and call != "Path(__file__)")
+            or (name in _READERS and not file_object)
+            or (name == "tarfile.open" and not any(k.arg == "fileobj" for k in node.keywords))
+        ):
+            found.append((node.lineno, call))
+    return found
+
+
+def test_user_paths_are_touched_only_through_epath():
+    bad = []
+    for path in sorted([*(REPO / "vgg_jax").rglob("*.py"), *(REPO / "experiments").glob("*.py")]):
+        rel = str(path.relative_to(REPO))
+        for line, call in raw_file_calls(path.read_text()):
+            if not any(rel == f and call.startswith(c) for f, c in LOCAL_BY_NATURE):
+                bad.append(f"{rel}:{line}: {call[:100]}")
+    assert not bad, "use vgg_jax.storage.path (etils.epath) for user paths: " + "; ".join(bad)
+
+
+def test_the_check_catches_each_kind_of_raw_call():
+    raw = [
+        "open(out, 'w')",
+        "os.path.abspath(p)",
+        "os.makedirs(d)",
+        "shutil.copytree(a, b)",
+        "Path(out).mkdir()",
+        "Image.open(path)",
+        "np.load(path)",
+        "tarfile.open(path)",
+        "glob.glob(p)",
+    ]
+    fine = ["storage.path(p).read_bytes()", "Image.open(io.BytesIO(b))", "np.load(_file(p))", "Path(__file__)"]
+    fine += ["tarfile.open(fileobj=f)", "shutil.which('gcloud')", "os.environ.get('X')", "os.fspath(p)"]
+    assert sorted(line for line, _ in raw_file_calls("\n".join(raw))) == list(range(1, len(raw) + 1))
+    assert raw_file_calls("\n".join(fine)) == []

@@ -10,12 +10,13 @@ import sys
 import tempfile
 import time
 import types
+import uuid
 from collections.abc import Callable, Sequence
 
 import numpy as np
 from absl import flags
 
-from vgg_jax import cli, hardware
+from vgg_jax import cli, hardware, storage
 
 # vgg_jax.models.REMAT_POLICIES, named here so that parsing the command line does not import jax.
 REMAT_CHOICES = ("none", "convs", "blocks")
@@ -43,18 +44,19 @@ def make_jpegs(cache_dir: str, num_images: int, quality: int = 90, seed: int = 0
     """Write (once) ``num_images`` ImageNet-like JPEGs into ``cache_dir``; returns their paths."""
     from vgg_jax.data.demo import encode_jpeg
 
-    os.makedirs(cache_dir, exist_ok=True)
+    cache = storage.path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     paths = []
     for i in range(num_images):
-        path = os.path.join(cache_dir, f"img_{i:05d}_q{quality}.jpg")
+        path = cache / f"img_{i:05d}_q{quality}.jpg"
         height, width = _PHOTO_SIZES[i % len(_PHOTO_SIZES)]
         image = natural_image(rng, height, width)  # drawn even when cached, so the set is fixed
-        if not os.path.exists(path):
-            with open(path + ".tmp", "wb") as f:
-                f.write(encode_jpeg(image, quality))
-            os.replace(path + ".tmp", path)
-        paths.append(path)
+        if not path.exists():
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_bytes(encode_jpeg(image, quality))
+            tmp.replace(path)
+        paths.append(os.fspath(path))
     return paths
 
 
@@ -96,7 +98,7 @@ def bench_input(args: types.SimpleNamespace) -> None:
     tf.config.threading.set_inter_op_parallelism_threads(1)
     tf.config.threading.set_intra_op_parallelism_threads(1)
     paths = make_jpegs(args.cache_dir, args.num_images)
-    encoded = [open(p, "rb").read() for p in paths]
+    encoded = [storage.path(p).read_bytes() for p in paths]
     transform_config = TransformConfig(crop_size=224, scale_min=args.scale_min, scale_max=args.scale_max)
     train = f"train_view (S in [{args.scale_min}, {args.scale_max}], crop 224, flip, PCA)"
     decode = f"decode only (decode_jpeg, dct_method={transforms.DCT_METHOD})"
@@ -406,17 +408,17 @@ def _summarise_trace(trace_dir: str, hlo_text: str, steps: int, top: int = 15) -
 
     Device planes (GPU/TPU) where there are any, else XLA:CPU's worker threads.
     """
-    import glob
     import re
     from collections import Counter
 
     import jax
 
-    files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
-    if not files:
+    traces = [d / n for d, _, names in storage.path(trace_dir).walk() for n in names if n.endswith(".xplane.pb")]
+    if not traces:
         print(f"no trace found under {trace_dir}")
         return
-    profile = jax.profiler.ProfileData.from_file(files[-1])
+    newest = max(traces, key=lambda p: p.stat().mtime)
+    profile = jax.profiler.ProfileData.from_serialized_xspace(newest.read_bytes())
     planes = [p for p in profile.planes if p.name.startswith("/device:")]
     if planes:  # GPU/TPU: the per-op line of each device
         lines = [line for p in planes for line in p.lines if line.name == "XLA Ops"]
@@ -434,7 +436,7 @@ def _summarise_trace(trace_dir: str, hlo_text: str, steps: int, top: int = 15) -
             if not event.name.startswith(("ThunkExecutor", "SlinkyThreadPool")):
                 totals[event.name] += event.duration_ns
     if not totals:
-        print(f"no op events found in {files[-1]}")
+        print(f"no op events found in {newest}")
         return
     defs = {}
     for hlo_line in hlo_text.splitlines():
@@ -445,7 +447,7 @@ def _summarise_trace(trace_dir: str, hlo_text: str, steps: int, top: int = 15) -
             defs.setdefault(m.group(1), f"{what} -> {m.group(2)}")
     busy = sum(totals.values())
     print(
-        f"profile {files[-1]}: {busy / 1e6 / steps:.1f} ms of op time per step "
+        f"profile {newest}: {busy / 1e6 / steps:.1f} ms of op time per step "
         f"({'device' if planes else 'XLA:CPU threads, summed'}); top {top}:"
     )
     print("| op | ms/step | share | HLO |\n|---|---|---|---|")
@@ -714,8 +716,6 @@ def bench_checkpoint(args: types.SimpleNamespace) -> None:
     """Save and restore time of a full-size train state through the run's ``Checkpointer`` (SHA-256 digest of
     every file written at save, verified before restore) against the same orbax manager without digests.
     Runs are interleaved; the median of ``repeats`` is reported."""
-    import shutil
-
     import jax
     import orbax.checkpoint as ocp
 
@@ -728,7 +728,7 @@ def bench_checkpoint(args: types.SimpleNamespace) -> None:
     state = jax.jit(lambda r: create_train_state(model, tx, r), out_shardings=shardings)(jax.random.PRNGKey(0))
     jax.block_until_ready(state)
     size = sum(x.nbytes for x in jax.tree_util.tree_leaves(state))
-    root = tempfile.mkdtemp(prefix="vgg_jax_bench_ckpt_", dir=args.dir)
+    root = storage.path(args.dir or tempfile.gettempdir()) / f"vgg_jax_bench_ckpt_{uuid.uuid4().hex[:8]}"
     data_state, meta = {"epoch": 0, "position": 0}, {"step": 1}
 
     def plain_manager(directory: str) -> ocp.CheckpointManager:
@@ -740,14 +740,14 @@ def bench_checkpoint(args: types.SimpleNamespace) -> None:
         return ocp.CheckpointManager(directory, item_handlers=handlers)
 
     def run(variant: str, i: int) -> tuple[float, float]:
-        directory = os.path.join(root, f"{variant}-{i}")
+        directory = root / f"{variant}-{i}"
         if variant == "digests":
             ckpt = checkpoints.Checkpointer(directory, keep=1, keep_best=0)
             save = lambda: ckpt.save(1, state, data_state, meta)  # noqa: E731
             manager = ckpt.manager
 
             def restore():
-                assert not checkpoints.verify_step(os.path.join(directory, "1"))
+                assert not checkpoints.verify_step(directory / "1")
                 return ckpt.restore(1, abstract)[0]
         else:
             manager = plain_manager(directory)
@@ -767,8 +767,8 @@ def bench_checkpoint(args: types.SimpleNamespace) -> None:
 
         saved = _timed(lambda: (save(), manager.wait_until_finished()))[0]
         restored = _timed(lambda: jax.block_until_ready(restore()))[0]
-        manager.close()
-        shutil.rmtree(directory)
+        (ckpt if variant == "digests" else manager).close()
+        directory.rmtree()
         return saved, restored
 
     times = {"plain orbax": [], "digests": []}
@@ -777,7 +777,8 @@ def bench_checkpoint(args: types.SimpleNamespace) -> None:
             for variant in times:
                 times[variant].append(run(variant, i))
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        if root.exists():
+            root.rmtree()
     print(
         f"{args.model} train state (params + momentum): {size / 1e9:.2f} GB, float32, in "
         f"{args.dir or tempfile.gettempdir()}; median of {args.repeats} interleaved runs; load {os.getloadavg()[0]:.1f}"
@@ -804,7 +805,7 @@ def _define_train_flags(values: flags.FlagValues, batch: str) -> None:
 def _define_input(values: flags.FlagValues, argv: list[str]) -> None:
     flags.DEFINE_string(
         "cache_dir",
-        os.path.join(tempfile.gettempdir(), "vgg_jax_bench_jpegs"),
+        os.fspath(storage.path(tempfile.gettempdir()) / "vgg_jax_bench_jpegs"),
         "Where the generated JPEGs are kept between runs.",
         flag_values=values,
     )

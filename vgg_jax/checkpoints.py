@@ -10,7 +10,6 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import json
-import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -22,11 +21,12 @@ from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
-from vgg_jax import models
+from vgg_jax import models, storage
 from vgg_jax.errors import CheckpointError
 
 STATE, DATA, META = "state", "data", "meta"
 DIGESTS = "_CHECKSUMS.sha256.json"
+LEASE = "lease.json"  # in the checkpoints directory: the training run that owns the workdir (vgg_jax.storage)
 # Written by orbax after the items' finalize (step metadata, commit marker): not hashed, checked as JSON.
 _NOT_HASHED = {DIGESTS, DIGESTS + ".tmp", "_CHECKPOINT_METADATA", "commit_success.txt"}
 
@@ -98,15 +98,39 @@ def verify_item(directory: epath.Path) -> list[str]:
     return problems
 
 
-def verify_step(step_dir: str | epath.Path, items: Sequence[str] = (STATE, DATA, META)) -> list[str]:
-    """What is wrong with a checkpoint step (empty: every item matches its checksums). A step written
-    before checksums existed (no digest anywhere) is reported as ``unverified``, not as damaged."""
-    step_dir = epath.Path(step_dir)
+UNFINISHED = "orbax never finalized it: its save was interrupted"
+
+
+def is_finalized(step_dir: epath.Path) -> bool:
+    """Whether orbax finished writing a checkpoint, by orbax's own rule for its filesystem: on a local disk the
+    step was renamed from its temporary name; on GCS, written in place, it holds ``commit_success.txt``.
+    Converted weights are one orbax item, ``state``, finalized the same way."""
+    finalized = ocp.path.step.is_path_finalized
+    return finalized(step_dir) or (not step_dir.name.isdigit() and finalized(step_dir / STATE))
+
+
+def verify_step(
+    step_dir: str | epath.Path, items: Sequence[str] = (STATE, DATA, META), *, allow_unverified: bool = False
+) -> list[str]:
+    """What is wrong with a checkpoint step (empty: orbax finalized it and every item matches its checksums).
+
+    Every step this project writes has checksums, so a step without any is damaged or foreign; it passes only
+    with ``allow_unverified`` (its items present)."""
+    step_dir = storage.path(step_dir)
     if not step_dir.is_dir():
         return [f"{step_dir} is missing"]
+    if not is_finalized(step_dir):
+        return [UNFINISHED]
     if not any((step_dir / item / DIGESTS).exists() for item in items):
         present = [i for i in items if (step_dir / i).is_dir()]
-        return [] if present == list(items) else [f"{', '.join(set(items) - set(present))} missing"]
+        if present != list(items):
+            return [f"{', '.join(sorted(set(items) - set(present)))} missing"]
+        if allow_unverified:
+            return []
+        return [
+            f"no {DIGESTS} files, which every step vgg_jax writes has, so it cannot be verified (if you trust it, "
+            "allow unverified steps: docs/training.md#checkpoints)"
+        ]
     problems = [p for item in items for p in verify_item(step_dir / item)]
     metadata = step_dir / "_CHECKPOINT_METADATA"
     if metadata.exists():
@@ -115,10 +139,6 @@ def verify_step(step_dir: str | epath.Path, items: Sequence[str] = (STATE, DATA,
         except ValueError:
             problems.append("_CHECKPOINT_METADATA is not valid JSON")
     return problems
-
-
-def has_digests(step_dir: epath.Path) -> bool:
-    return any((step_dir / item / DIGESTS).exists() for item in (STATE, DATA, META))
 
 
 class _WithDigests:
@@ -192,11 +212,6 @@ class IteratorStateRestore(ocp.args.CheckpointArgs):
 # The training run's checkpoints
 
 
-def absolute(path: str | epath.Path) -> epath.Path:
-    """Orbax needs absolute paths: local relative paths are made absolute, URLs (gs://) are kept."""
-    return epath.Path(path if "://" in str(path) else os.path.abspath(path))
-
-
 def _leaves_by_path(tree: Any) -> dict[str, Any]:
     """Leaves by '/'-joined path (attribute and dict keys alike), parameters first."""
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
@@ -241,10 +256,22 @@ class BestValidation:
 
 
 class Checkpointer:
-    """A thin layer over ``ocp.CheckpointManager`` for the training loop."""
+    """A thin layer over ``ocp.CheckpointManager`` for the training loop. It holds the directory's lease
+    (``LEASE``, vgg_jax.storage) from its creation to ``close``: a second run on the same workdir is refused."""
 
-    def __init__(self, directory: str | epath.Path, *, keep: int = 3, keep_best: int = 1, async_save: bool = True):
-        self.directory = absolute(directory)
+    def __init__(
+        self,
+        directory: str | epath.Path,
+        *,
+        keep: int = 3,
+        keep_best: int = 1,
+        async_save: bool = True,
+        allow_unverified: bool = False,
+        fresh_start_if_damaged: bool = False,
+    ):
+        self.directory = storage.path(directory)
+        self.allow_unverified, self.fresh_start_if_damaged = allow_unverified, fresh_start_if_damaged
+        self.lease = self._take_lease()  # before orbax cleans up or writes anything
         self.scores: dict[int, float] = {}  # step -> validation top-1 accuracy, for keep_best
         policy = policies.AnyPreservationPolicy([policies.LatestN(n=keep), BestValidation(keep_best, self.scores)])
         options = ocp.CheckpointManagerOptions(
@@ -256,20 +283,57 @@ class Checkpointer:
         handlers = {STATE: StateHandler(), DATA: IteratorStateHandler(), META: MetaHandler()}
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
+    def _take_lease(self) -> storage.Lease | None:
+        """Process 0 takes the lease; every process stops with the same error if another run holds it."""
+        lease, error = None, ""
+        if jax.process_index() == 0:
+            workdir = self.directory.parent if self.directory.name == "checkpoints" else self.directory
+            try:
+                lease = storage.Lease(self.directory / LEASE, f"a training run in {workdir}").acquire(
+                    advice="Two runs on one workdir would overwrite each other's checkpoints and results: wait for "
+                    "it to end, stop it, or pass another --workdir."
+                )
+            except storage.LeaseHeld as e:
+                error = str(e)
+        if jax.process_count() > 1:
+            held = multihost_utils.broadcast_one_to_all(np.int32(bool(error)))
+            error = error or ("another training run holds this workdir (process 0 says why)" if held else "")
+        if error:
+            raise storage.LeaseHeld(error)
+        return lease
+
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
     def latest_intact_step(self) -> int | None:
-        """The newest step whose files match their checksums. Damaged newer steps are reported in one
-        line each and set aside (renamed ``<step>.damaged``, never deleted)."""
+        """The newest step that orbax finalized and whose files match their checksums. Damaged newer steps are
+        reported in one line each and set aside (renamed ``<step>.damaged``, never deleted). If every step is
+        damaged, CheckpointError names them and nothing is changed, unless ``fresh_start_if_damaged``."""
+        damaged: list[tuple[int, list[str]]] = []
         for step in reversed(self.steps()):
-            problems = verify_step(self.directory / str(step))
+            problems = verify_step(self.directory / str(step), allow_unverified=self.allow_unverified)
             if not problems:
-                if not has_digests(self.directory / str(step)):
-                    logging.warning("Checkpoint step %d was saved without checksums: restoring it unverified.", step)
-                return step
-            self._set_aside(step, problems)
-        return None
+                break
+            damaged.append((step, problems))
+        else:
+            step = None
+            if damaged and not self.fresh_start_if_damaged:
+                listed = "; ".join(f"step {s}: {'; '.join(p[:2])}" for s, p in damaged)
+                raise CheckpointError(
+                    f"Every checkpoint in {self.directory} is damaged ({listed}); nothing was changed. "
+                    "Inspect or move them, or start this run afresh with "
+                    "--config.checkpoint.fresh_start_if_damaged=True (they are then set aside as <step>.damaged)."
+                )
+        for bad, problems in damaged:
+            self._set_aside(bad, problems)
+        if step is None and damaged:
+            logging.warning(
+                "Every checkpoint was damaged and set aside: starting afresh from step 0 "
+                "(--config.checkpoint.fresh_start_if_damaged=True)."
+            )
+        elif step is not None and not any((self.directory / str(step) / i / DIGESTS).exists() for i in (STATE, META)):
+            logging.warning("Checkpoint step %d has no checksums: restoring it unverified, as allowed.", step)
+        return step
 
     def _set_aside(self, step: int, problems: list[str]) -> None:
         aside = self.directory / f"{step}.damaged"
@@ -289,6 +353,11 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, data_state: Any, meta: dict[str, Any]) -> None:
         """Starts an (asynchronous) save of everything needed to resume at ``step``."""
+        if self.lease is not None and self.lease.lost is not None:
+            raise CheckpointError(
+                f"Another process took over {self.directory} ({self.lease.lost.get('holder', '?')}) after this run "
+                f"stalled for over {self.lease.ttl:.0f} s: stopping without saving step {step}."
+            )
         args = ocp.args.Composite(
             **{STATE: StateSave(state), DATA: IteratorStateSave(data_state), META: MetaSave(meta)}
         )
@@ -310,19 +379,24 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+        if self.lease is not None:
+            self.lease.release()
 
 
 # ----------------------------------------------------------------------------------------------
 # Weights: any checkpoint of a run, or converted weights
 
 
-def restore_model(path: str | epath.Path) -> tuple[models.VGG, dict[str, Any], dict[str, Any]]:
-    """``(model, variables, meta)`` of the newest checkpoint under ``path`` (a training workdir, its
+def restore_model(
+    path: str | epath.Path, *, allow_unverified: bool = False
+) -> tuple[models.VGG, dict[str, Any], dict[str, Any]]:
+    """``(model, variables, meta)`` of the newest finished checkpoint under ``path`` (a training workdir, its
     checkpoints dir, a step dir, or converted weights): the model its meta config describes, with
     fc8's class count, checked against the stored parameters. The files are verified against their
-    checksums first. Works on any device count: the arrays land on this process's first device."""
+    checksums first (a step without checksums only with ``allow_unverified``). Works on any device count:
+    the arrays land on this process's first device."""
     step_dir = find_checkpoint(path)
-    check_intact(step_dir)
+    check_intact(step_dir, allow_unverified=allow_unverified)
     meta = read_meta(step_dir)
     if "model" not in meta.get("config", {}):
         raise CheckpointError(
@@ -337,22 +411,27 @@ def restore_model(path: str | epath.Path) -> tuple[models.VGG, dict[str, Any], d
     return model, variables, meta
 
 
-def check_intact(step_dir: epath.Path) -> None:
-    """CheckpointError naming the step, what is wrong and the intact steps beside it, if it is damaged."""
-    problems = verify_step(step_dir, (STATE, META))
+def check_intact(step_dir: epath.Path, *, allow_unverified: bool = False) -> None:
+    """CheckpointError naming the step, what is wrong and the intact steps beside it, if it is damaged or
+    unfinished."""
+    problems = verify_step(step_dir, (STATE, META), allow_unverified=allow_unverified)
     if not problems:
         return
-    if not step_dir.name.isdigit():  # converted weights: nothing beside them
+    if not step_dir.name.isdigit() and step_dir.parent.name != "checkpoints":  # converted weights: alone
         where = "re-create it (e.g. run the conversion again)"
     else:
-        siblings = [p for p in step_dir.parent.iterdir() if p.name.isdigit() and p != step_dir]
-        intact = sorted((int(p.name) for p in siblings if not verify_step(p, (STATE, META))), reverse=True)
+        siblings = [p for p in step_dir.parent.iterdir() if p.name.isdigit() and p != step_dir]  # not set aside
+        intact = sorted(
+            (int(p.name) for p in siblings if not verify_step(p, (STATE, META), allow_unverified=allow_unverified)),
+            reverse=True,
+        )
         where = (
             f"intact steps: {', '.join(map(str, intact))}; pass one, e.g. {step_dir.parent / str(intact[0])}"
             if intact
             else "no intact step beside it"
         )
-    raise CheckpointError(f"Checkpoint {step_dir} is damaged ({'; '.join(problems[:3])}); {where}.")
+    what = "unfinished" if problems[0] == UNFINISHED else "damaged"
+    raise CheckpointError(f"Checkpoint {step_dir} is {what} ({'; '.join(problems[:3])}); {where}.")
 
 
 def _restore_variables(step_dir: epath.Path) -> dict[str, Any]:
@@ -377,7 +456,7 @@ def save_variables(directory: str | epath.Path, variables: dict[str, Any], meta:
     Converted weights use this layout; ``restore_model``, ``read_meta``, ``vgg_jax.load`` and
     ``--config.init_from`` all accept the directory.
     """
-    directory = absolute(directory)
+    directory = storage.path(directory)
     checkpointer = ocp.Checkpointer(StateHandler())
     state = {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
     checkpointer.save(directory / STATE, args=StateSave(state))
@@ -399,15 +478,25 @@ def read_meta(path: str | epath.Path) -> dict[str, Any]:
 
 
 def find_checkpoint(path: str | epath.Path) -> epath.Path:
-    """Resolves a workdir, its ``checkpoints`` dir, or a step dir to the newest step dir with a state."""
-    path = absolute(path)
+    """Resolves a workdir, its ``checkpoints`` dir, or a step dir to the newest step dir that orbax finalized
+    (``is_finalized``: steps whose save was interrupted are passed over, on every filesystem). A step dir or
+    converted weights named directly are returned as they are (``check_intact`` judges them)."""
+    path = storage.path(path)
     if (path / STATE).exists():
         return path
     for root in (path / "checkpoints", path):
-        if root.exists():
-            steps = sorted((int(p.name), p) for p in root.iterdir() if p.name.isdigit() and (p / STATE).exists())
+        if root.is_dir():
+            steps = sorted((int(p.name), p) for p in root.iterdir() if p.name.isdigit())
+            finished = [p for _, p in steps if is_finalized(p)]
+            if finished:
+                return finished[-1]
             if steps:
-                return steps[-1][1]
+                raise CheckpointError(
+                    f"No finished checkpoint under {path}: orbax never finalized step(s) "
+                    f"{', '.join(str(s) for s, _ in steps)} (their saves were interrupted); resume the run first."
+                )
+    if path.name.isdigit() and path.is_dir():
+        return path  # a step whose state was never written: check_intact names what is wrong
     raise FileNotFoundError(
         f"No complete checkpoint under {path}: expected a training workdir (with checkpoints/<step>/state), "
         "its checkpoints directory, or one checkpoint step directory."

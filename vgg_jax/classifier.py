@@ -6,6 +6,7 @@ docs/evaluation.md#notebooks
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -14,7 +15,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from vgg_jax import checkpoints, models, preprocessing
+from vgg_jax import checkpoints, models, preprocessing, storage
 from vgg_jax.errors import UserError
 
 ImageBatch = np.ndarray | Sequence[Any] | str | os.PathLike  # [N, H, W, 3] uint8; arrays, PIL images or files
@@ -153,7 +154,7 @@ def _pil_rgb(image: Any, index: int) -> np.ndarray:
 
     if isinstance(image, (str, os.PathLike)):
         try:
-            with Image.open(image) as opened:
+            with Image.open(io.BytesIO(storage.path(image).read_bytes())) as opened:  # local or gs://
                 opened.load()
                 image = opened.copy()
         except (OSError, UnidentifiedImageError) as e:
@@ -168,12 +169,13 @@ def _pil_rgb(image: Any, index: int) -> np.ndarray:
     return np.asarray(image.convert("RGB"))
 
 
-def load(path: str, batch_size: int = 32) -> Classifier:
-    """Restores the newest checkpoint under ``path`` (a training workdir, its checkpoints dir, a
-    step dir, or converted weights) with its config, class names and input convention."""
+def load(path: str, batch_size: int = 32, *, allow_unverified: bool = False) -> Classifier:
+    """Restores the newest finished checkpoint under ``path`` (a training workdir, its checkpoints dir, a
+    step dir, or converted weights; local or gs://) with its config, class names and input convention.
+    A step without checksum files is refused unless ``allow_unverified``."""
     from vgg_jax.data.config import default_data_config
 
-    model, variables, meta = checkpoints.restore_model(path)
+    model, variables, meta = checkpoints.restore_model(path, allow_unverified=allow_unverified)
     data_config = default_data_config()  # defaults for the fields the checkpoint does not set
     data_config.update(meta["config"].get("data", {}))
     data_config.update(preprocessing.of_checkpoint(meta).data_fields())

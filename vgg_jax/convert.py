@@ -6,16 +6,17 @@ docs/backbone.md#converting-weights
 from __future__ import annotations
 
 import dataclasses
+import io
+import os
 import pickle
 import re
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from absl import flags
 
-from vgg_jax import checkpoints, cli, models, preprocessing
+from vgg_jax import checkpoints, cli, models, preprocessing, storage
 from vgg_jax.errors import UserError
 from vgg_jax.models import VGG
 
@@ -250,14 +251,19 @@ def _numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def read_torch(path: str | Path) -> dict[str, np.ndarray]:
+def _file(path: str | os.PathLike) -> io.BytesIO:
+    """A weights file's bytes (local or gs://), for readers that take a file object."""
+    return io.BytesIO(storage.path(path).read_bytes())
+
+
+def read_torch(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """A torch state dict from ``.pth`` (``torch.load(weights_only=True)``: code in the pickle is refused)."""
     try:
         import torch
     except ImportError as err:
         raise ImportError(f"Reading {path} needs torch (pip install torch), or convert it to .safetensors.") from err
     try:
-        state = torch.load(path, weights_only=True, map_location="cpu")
+        state = torch.load(_file(path), weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as err:
         found = re.search(r"WeightsUnpickler error: (.*?\.)(?:\s|$)", str(err))
         reason = found.group(1) if found else str(err).strip().splitlines()[-1]
@@ -271,13 +277,13 @@ def read_torch(path: str | Path) -> dict[str, np.ndarray]:
     return {k: _numpy(v) for k, v in state.items()}
 
 
-def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load
 
-    return load_file(str(path))
+    return load(storage.path(path).read_bytes())
 
 
-def read_keras_h5(path: str | Path) -> dict[str, np.ndarray]:
+def read_keras_h5(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Keras weights from HDF5: Keras 3 ``.weights.h5``, or the legacy layout of the released
     ``vgg16_weights_tf_dim_ordering_tf_kernels.h5`` and of ``model.save('x.h5')``."""
     import h5py
@@ -286,7 +292,7 @@ def read_keras_h5(path: str | Path) -> dict[str, np.ndarray]:
         return s.decode() if isinstance(s, bytes) else str(s)
 
     layers: dict[str, list[np.ndarray]] = {}
-    with h5py.File(path, "r") as f:
+    with h5py.File(_file(path), "r") as f:
         if "layers" in f:  # Keras 3: layers/<key>/vars/<i>, the layer name in vars' attrs
             for group in f["layers"].values():
                 if "vars" in group and len(group["vars"]):
@@ -302,24 +308,24 @@ def read_keras_h5(path: str | Path) -> dict[str, np.ndarray]:
     return {f"{layer}/{leaf}": w for layer, ws in layers.items() for leaf, w in zip(("kernel", "bias"), ws)}
 
 
-def read_h5_datasets(path: str | Path) -> dict[str, np.ndarray]:
+def read_h5_datasets(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Every dataset of an HDF5 file by its path (``conv1_1/W``)."""
     import h5py
 
     out: dict[str, np.ndarray] = {}
-    with h5py.File(path, "r") as f:
+    with h5py.File(_file(path), "r") as f:
         f.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
     return out
 
 
-def read_npz(path: str | Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as f:
+def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    with np.load(_file(path), allow_pickle=False) as f:
         return {k: f[k] for k in f.files}
 
 
-def read_tensors(path: str | Path, layout: str) -> dict[str, np.ndarray]:
-    """The flat tensor dict of a weights file in ``layout``, by its suffix."""
-    suffix = Path(path).suffix.lower()
+def read_tensors(path: str | os.PathLike, layout: str) -> dict[str, np.ndarray]:
+    """The flat tensor dict of a weights file in ``layout`` (local or gs://), by its suffix."""
+    suffix = storage.path(path).suffix.lower()
     readers: dict[str, dict[str, Callable[[Any], dict[str, np.ndarray]]]] = {
         "torchvision": {".pth": read_torch, ".pt": read_torch, ".bin": read_torch, ".safetensors": read_safetensors},
         "keras": {".h5": read_keras_h5, ".hdf5": read_keras_h5},
@@ -329,7 +335,7 @@ def read_tensors(path: str | Path, layout: str) -> dict[str, np.ndarray]:
         raise UserError(f"Unknown layout {layout!r}: use one of {', '.join(LAYOUTS)}.")
     if suffix not in readers[layout]:
         raise UserError(f"Cannot read {path} as {layout} weights: expected one of {', '.join(readers[layout])}.")
-    if not Path(path).is_file():
+    if not storage.path(path).is_file():
         raise FileNotFoundError(f"No such weights file: {path}")
     return readers[layout][suffix](path)
 
@@ -349,11 +355,11 @@ def to_torchvision(variables: Mapping[str, Any], model: VGG) -> dict[str, np.nda
     }
 
 
-def save_torchvision_safetensors(path: str | Path, variables: Mapping[str, Any], model: VGG) -> None:
+def save_torchvision_safetensors(path: str | os.PathLike, variables: Mapping[str, Any], model: VGG) -> None:
     """Writes ``to_torchvision(variables, model)`` as safetensors (``safetensors.torch.load_file`` reads it)."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
-    save_file(to_torchvision(variables, model), str(path))
+    storage.path(path).write_bytes(save(to_torchvision(variables, model)))
 
 
 def checkpoint_meta(name: str, model: VGG, layout: str, class_names: list[str] | None) -> dict[str, Any]:
@@ -375,7 +381,7 @@ def checkpoint_meta(name: str, model: VGG, layout: str, class_names: list[str] |
     }
 
 
-def convert_file(path: str | Path, layout: str, name: str, **model_options: Any) -> tuple[VGG, dict[str, Any]]:
+def convert_file(path: str | os.PathLike, layout: str, name: str, **model_options: Any) -> tuple[VGG, dict[str, Any]]:
     """Reads a weights file and returns ``(model, variables)``; BGR networks are flipped to take RGB.
 
     The class count is the file's (its fc8); ``model_options`` are ``get_model`` options (width, ...).
@@ -401,13 +407,14 @@ def convert(
     weights: str, output: str, layout: str, name: str, class_names_file: str | None = None, **model_options: Any
 ) -> str:
     """Converts a weights file in ``layout`` into a vgg_jax checkpoint directory ``output``."""
-    out = Path(output).absolute()
+    out = storage.path(output)
     if out.exists():
         raise UserError(f"{output} already exists: choose a new checkpoint directory.")
     model, variables = convert_file(weights, layout, name, **model_options)
     class_names = None
     if class_names_file:
-        class_names = [line.strip() for line in Path(class_names_file).read_text().splitlines() if line.strip()]
+        names = storage.path(class_names_file).read_text()
+        class_names = [line.strip() for line in names.splitlines() if line.strip()]
         if len(class_names) != model.num_classes:
             raise UserError(
                 f"{class_names_file} lists {len(class_names)} names but fc8 has {model.num_classes} classes."

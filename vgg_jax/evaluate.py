@@ -8,8 +8,8 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import io
 import json
-import os
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -21,10 +21,11 @@ import ml_collections
 import numpy as np
 from absl import flags, logging
 from clu import periodic_actions
+from etils import epath
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from vgg_jax import cli, data, models, sharding
+from vgg_jax import cli, data, models, sharding, storage
 from vgg_jax.classifier import load
 from vgg_jax.config_checks import check_scales, parse_protocol
 from vgg_jax.data.config import default_data_config, train_scale
@@ -437,6 +438,12 @@ def define_flags(values: flags.FlagValues, argv: list[str]) -> None:
         "and their posteriors under the protocol.",
         flag_values=values,
     )
+    flags.DEFINE_bool(
+        "allow_unverified",
+        False,
+        "Also load checkpoint steps without checksum files (not written by vgg_jax as they are).",
+        flag_values=values,
+    )
     config_flags.DEFINE_config_dict(
         "data",
         default_data_config(),
@@ -456,9 +463,11 @@ def define_flags(values: flags.FlagValues, argv: list[str]) -> None:
 _LOCATION = ("dataset", "data_dir", "manual_dir", "folder", "download", "eval_split")
 
 
-def members_from_paths(paths: Sequence[str], overrides: Mapping[str, Any]) -> list[Member]:
+def members_from_paths(
+    paths: Sequence[str], overrides: Mapping[str, Any], *, allow_unverified: bool = False
+) -> list[Member]:
     """Loads each checkpoint; all read the first one's dataset and split, then ``overrides`` (data fields)."""
-    loaded = [load(path) for path in paths]
+    loaded = [load(path, allow_unverified=allow_unverified) for path in paths]
     location = {k: loaded[0].config.data[k] for k in _LOCATION}
     members = []
     for i, model in enumerate(loaded):
@@ -483,14 +492,14 @@ def parse_scales(text: str | None) -> tuple[int, ...] | None:
         raise ConfigError(f"--scales={text!r}: give comma-separated integers (e.g. 256,384,512) or 'paper'.") from None
 
 
-def default_out(path: str) -> str:
+def default_out(path: str) -> epath.Path:
     """``<workdir>/eval`` for a workdir, checkpoints dir or step dir; ``<path>/eval`` otherwise."""
-    path = os.path.abspath(path)
-    if os.path.basename(os.path.dirname(path)) == "checkpoints" and os.path.basename(path).isdigit():
-        return os.path.join(os.path.dirname(os.path.dirname(path)), "eval")
-    if os.path.basename(path) == "checkpoints":
-        return os.path.join(os.path.dirname(path), "eval")
-    return os.path.join(path, "eval")
+    path = storage.path(path)
+    if path.parent.name == "checkpoints" and path.name.isdigit():
+        return path.parent.parent / "eval"
+    if path.name == "checkpoints":
+        return path.parent / "eval"
+    return path / "eval"
 
 
 def main(argv: Sequence[str] | None = None) -> Report:
@@ -507,15 +516,17 @@ def main(argv: Sequence[str] | None = None) -> Report:
     from vgg_jax.data import pipeline
 
     pipeline.setup_tensorflow()
-    members = members_from_paths(paths, config_flags.get_override_values(values["data"]))
+    members = members_from_paths(
+        paths, config_flags.get_override_values(values["data"]), allow_unverified=values.allow_unverified
+    )
     scales = paper_scales(members[0].data_config) if values.scales == "paper" else parse_scales(values.scales)
     report = evaluate_members(
         members, sharding.make_mesh(), protocol=values.protocol, scales=scales, batch_size=values.batch_size
     )
     if jax.process_index() == 0:
-        out = values.out or default_out(paths[0])
-        os.makedirs(out, exist_ok=True)
-        stem = os.path.join(out, f"{values.protocol}_{'-'.join(str(r) for r in report.rows[-1].scales)}")
+        out = storage.path(values.out) if values.out else default_out(paths[0])
+        out.mkdir(parents=True, exist_ok=True)
+        stem = f"{values.protocol}_{'-'.join(str(r) for r in report.rows[-1].scales)}"
         record = dict(
             protocol=values.protocol,
             checkpoints=list(paths),
@@ -523,13 +534,11 @@ def main(argv: Sequence[str] | None = None) -> Report:
             results=report.results,
             rows=[dataclasses.asdict(r) for r in report.rows],
         )
-        with open(stem + ".json", "w") as f:
-            json.dump(record, f, indent=2)
-        with open(stem + ".md", "w") as f:
-            f.write(report.markdown() + "\n")
+        (out / f"{stem}.json").write_text(json.dumps(record, indent=2))
+        (out / f"{stem}.md").write_text(report.markdown() + "\n")
         print(report.markdown())
         print(json.dumps(report.results))
-        print(f"Wrote {stem}.json and {stem}.md", file=sys.stderr)
+        print(f"Wrote {out / stem}.json and {out / stem}.md", file=sys.stderr)
     if values.predictions:
         write_predictions(values.predictions, report.final, members[0].data_config, members[0].class_names)
     return report
@@ -577,17 +586,19 @@ def write_predictions(path: str, final: Pass, data_config: ml_collections.Config
     order = np.argsort(rows["index"], kind="stable")
     header = ["index", "file_name", "label", "label_name"]
     header += [f"{c}{i}" for i in range(1, k + 1) for c in ("top", "score")]
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", newline="") as f:
-        out = csv.writer(f)
-        out.writerow(header)
-        for i in order:
-            name = rows["file_name"][i] or f"{data_config.dataset} {data_config.eval_split}[{rows['index'][i]}]"
-            cells = [int(rows["index"][i]), name, int(rows["label"][i]), names[int(rows["label"][i])]]
-            for c, p in zip(rows["top"][i], rows["score"][i]):
-                cells += [int(c), f"{p:.6g}"]
-            out.writerow(cells)
-    print(f"Wrote {len(order)} predictions to {path}", file=sys.stderr)
+    text = io.StringIO(newline="")
+    out = csv.writer(text)
+    out.writerow(header)
+    for i in order:
+        name = rows["file_name"][i] or f"{data_config.dataset} {data_config.eval_split}[{rows['index'][i]}]"
+        cells = [int(rows["index"][i]), name, int(rows["label"][i]), names[int(rows["label"][i])]]
+        for c, p in zip(rows["top"][i], rows["score"][i]):
+            cells += [int(c), f"{p:.6g}"]
+        out.writerow(cells)
+    file = storage.path(path)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.write_text(text.getvalue())
+    print(f"Wrote {len(order)} predictions to {file}", file=sys.stderr)
 
 
 if __name__ == "__main__":

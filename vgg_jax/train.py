@@ -18,7 +18,18 @@ from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 from etils import epath
 
-from vgg_jax import checkpoints, config_checks, data, evaluate, hardware, models, optim, preprocessing, sharding
+from vgg_jax import (
+    checkpoints,
+    config_checks,
+    data,
+    evaluate,
+    hardware,
+    models,
+    optim,
+    preprocessing,
+    sharding,
+    storage,
+)
 from vgg_jax.data.config import load_stats
 from vgg_jax.errors import ConfigError, TrainingDiverged
 from vgg_jax.train_step import TrainState, abstract_train_state, create_train_state, jit_train_step
@@ -48,11 +59,15 @@ def _initial_params(config: ml_collections.ConfigDict, fresh: Any, fresh_stats: 
     """Params from ``init_from`` / ``staged_init_from`` when configured, else the fresh ones."""
     params, stats = fresh, fresh_stats
     if config.staged_init_from:
-        _, trained_a, _ = checkpoints.restore_model(config.staged_init_from)
+        _, trained_a, _ = checkpoints.restore_model(
+            config.staged_init_from, allow_unverified=config.checkpoint.allow_unverified
+        )
         params, copied = models.staged_init(trained_a["params"], fresh)
         logging.info("Staged init from %s: copied %s", config.staged_init_from, copied)
     if config.init_from:
-        _, source, meta = checkpoints.restore_model(config.init_from)
+        _, source, meta = checkpoints.restore_model(
+            config.init_from, allow_unverified=config.checkpoint.allow_unverified
+        )
         src_params = source["params"]
         if config.reset_head:
             src_params = {**src_params, "fc8": fresh["fc8"]}
@@ -190,7 +205,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Trains per ``config``, evaluating and checkpointing into ``workdir``; returns the final summary."""
     config_checks.validate(config)  # before anything is read or written
     config = resolve(config)
-    workdir = checkpoints.absolute(workdir)
+    workdir = storage.path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     mesh = sharding.make_mesh(config.mesh.model)
     class_names = check_before_training(config, mesh)
@@ -207,6 +222,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         keep=config.checkpoint.keep,
         keep_best=config.checkpoint.keep_best,
         async_save=config.checkpoint.async_save,
+        allow_unverified=config.checkpoint.allow_unverified,
+        fresh_start_if_damaged=config.checkpoint.fresh_start_if_damaged,
     )
     results_path = workdir / "results.json"
     abstract, shardings = abstract_train_state(model, tx, mesh, config.mesh.model > 1)

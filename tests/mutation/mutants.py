@@ -199,9 +199,30 @@ MUTANTS = [
     Mutant(
         "resume_does_not_verify",
         C,
-        "problems = verify_step(self.directory / str(step))",
+        "problems = verify_step(self.directory / str(step), allow_unverified=self.allow_unverified)",
         "problems = []",
         ("tests/test_resume.py", "-k", "set_aside"),
+    ),
+    Mutant(
+        "steps_without_checksums_pass",
+        C,
+        "        if allow_unverified:\n            return []",
+        "        if True:\n            return []",
+        ("tests/test_resume.py", "-k", "without_checksums"),
+    ),
+    Mutant(
+        "unfinished_steps_picked",
+        C,
+        "finished = [p for _, p in steps if is_finalized(p)]",
+        "finished = [p for _, p in steps]",
+        ("tests/test_resume.py", "-k", "unfinished"),
+    ),
+    Mutant(
+        "a_live_lease_is_taken",
+        "vgg_jax/storage.py",
+        "            if not free:\n                return record",
+        "            if False:\n                return record",
+        ("tests/test_storage.py",),
     ),
     # transforms
     Mutant("pca_eigval_on_wrong_scale", X, "tf.float32) * 255.0", "tf.float32)", ("tests/test_transforms.py",)),

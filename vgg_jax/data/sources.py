@@ -5,28 +5,31 @@ docs/data.md#datasets
 
 from __future__ import annotations
 
-import contextlib
+import concurrent.futures
 import dataclasses
 import difflib
-import fcntl
 import functools
 import hashlib
 import os
 import re
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import tensorflow_datasets as tfds
+from etils import epath
 from tensorflow_datasets.datasets.imagenet2012 import imagenet2012_dataset_builder as imagenet_builder
 from tensorflow_datasets.datasets.imagenet2012 import imagenet_common
 
+from vgg_jax import storage
 from vgg_jax.data import demo
 from vgg_jax.errors import UserError
 
 IMAGENET_TARS = {"train": "ILSVRC2012_img_train.tar", "validation": "ILSVRC2012_img_val.tar"}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 _FOLDER_SPLITS = {"val": "validation"}  # folder name -> TFDS split name; others keep their name
+PREPARE_LEASE = ".vgg_jax_prepare.lease"  # in data_dir: the process preparing a dataset there (vgg_jax.storage)
+PREPARE_WAIT = 24 * 3600.0  # seconds a process waits for another one's preparation before it gives up
 
 
 class DatasetError(UserError):
@@ -53,8 +56,8 @@ class Source:
 
 def default_cache_dir() -> str:
     """Where the demo and folder datasets go when ``data_dir`` is unset: ``~/.cache/vgg_jax/tfds``."""
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(cache, "vgg_jax", "tfds")
+    cache = storage.path(os.environ.get("XDG_CACHE_HOME") or epath.Path("~/.cache").expanduser())
+    return os.fspath(cache / "vgg_jax" / "tfds")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,11 +90,9 @@ def get_source(data_config: Any) -> Source:
 @functools.lru_cache(maxsize=16)
 def _get_source(loc: DataLocation) -> Source:
     if loc.dataset == "vgg_jax_demo":
-        builder = demo.VggJaxDemo(data_dir=loc.data_dir or default_cache_dir())
-        _prepare(builder)
+        builder = _prepare(functools.partial(demo.VggJaxDemo, data_dir=loc.data_dir or default_cache_dir()))
     elif loc.dataset == "folder":
-        builder = _folder_builder(loc)
-        _prepare(builder)
+        builder = _prepare(_folder_builder(loc))
     elif loc.dataset == "imagenet2012":
         builder = _imagenet_builder(loc)
     else:
@@ -114,24 +115,28 @@ def check_split(source: Source, split: str) -> None:
 # Preparation
 
 
-@contextlib.contextmanager
-def _lock(data_dir: str) -> Iterator[None]:
-    """An exclusive file lock on ``data_dir``: processes sharing a disk prepare a dataset once."""
-    os.makedirs(data_dir, exist_ok=True)
-    with open(os.path.join(data_dir, ".vgg_jax_prepare.lock"), "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def _prepare(make: Callable[[], tfds.core.DatasetBuilder], **kwargs: Any) -> tfds.core.DatasetBuilder:
+    """The builder ``make()`` returns, its dataset prepared once whatever the number of processes preparing it.
 
-
-def _prepare(builder: tfds.core.DatasetBuilder, **kwargs: Any) -> None:
+    Preparing holds the data_dir's lease (``PREPARE_LEASE``, vgg_jax.storage: atomic on local disks and on
+    GCS), so of the processes sharing a data_dir, those of one run or of a sweep, one prepares and the others
+    wait, then read what it wrote; processes with data_dirs of their own (hosts with their own disks) each
+    prepare theirs. The builder is made again after waiting: it reads the finished dataset's info."""
+    builder = make()
     if builder.is_prepared():
-        return
-    with _lock(builder.data_dir_root):
-        if not builder.is_prepared():  # another process may have finished while we waited
+        return builder
+    lease = storage.Lease(
+        storage.path(builder.data_dir_root) / PREPARE_LEASE, f"preparing {builder.name} in {builder.data_dir_root}"
+    )
+    advice = (
+        "If that process is stuck, stop it; or prepare the dataset beforehand (tfds build, or one run with this "
+        "data_dir) and start the others after it."
+    )
+    with lease.acquire(wait=PREPARE_WAIT, advice=advice):
+        builder = make()  # another process may have prepared it while we waited
+        if not builder.is_prepared():
             builder.download_and_prepare(**kwargs)
+    return make()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -143,7 +148,7 @@ def _imagenet_builder(loc: DataLocation) -> tfds.core.DatasetBuilder:
     if builder.is_prepared():
         return builder
     manual_dir = loc.manual_dir
-    missing = [t for t in IMAGENET_TARS.values() if not manual_dir or not os.path.isfile(os.path.join(manual_dir, t))]
+    missing = [t for t in IMAGENET_TARS.values() if not manual_dir or not (storage.path(manual_dir) / t).is_file()]
     if missing:
         where = f"manual_dir={manual_dir!r} lacks {missing}" if manual_dir else "manual_dir is not set"
         raise DatasetError(
@@ -154,8 +159,10 @@ def _imagenet_builder(loc: DataLocation) -> tfds.core.DatasetBuilder:
             "TFRecords go, about 150 GB>). The first run then prepares the dataset once (hours), or "
             "prepare it beforehand with: tfds build imagenet2012 --manual_dir=<folder> --data_dir=<dir>."
         )
-    preparer = Imagenet2012(data_dir=loc.data_dir)  # labels validation images by file number
-    _prepare(preparer, download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    _prepare(  # Imagenet2012 labels validation images by file number
+        functools.partial(Imagenet2012, data_dir=loc.data_dir),
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir),
+    )
     return tfds.builder("imagenet2012", data_dir=loc.data_dir)
 
 
@@ -167,7 +174,7 @@ def validation_labels(names: list[str], labels: list[str]) -> dict[str, str]:
     holds; DatasetError naming the first file without such a number."""
     out = {}
     for name in names:
-        found = VAL_NAME.fullmatch(os.path.basename(name))
+        found = VAL_NAME.fullmatch(name.rsplit("/", 1)[-1])  # a member of the tar
         number = int(found.group(1)) if found else 0
         if not 1 <= number <= len(labels):
             raise DatasetError(
@@ -193,7 +200,8 @@ class Imagenet2012(imagenet_builder.Builder, skip_registration=True):
         for split in splits:
             if "validation_labels" in split.gen_kwargs:
                 labels = tfds.core.tfds_path(imagenet_common._VALIDATION_LABELS_FNAME).read_text().split()
-                with tarfile.open(os.path.join(dl_manager.manual_dir, IMAGENET_TARS["validation"])) as tar:
+                archive = storage.path(dl_manager.manual_dir) / IMAGENET_TARS["validation"]
+                with archive.open("rb") as f, tarfile.open(fileobj=f) as tar:
                     split.gen_kwargs["validation_labels"] = validation_labels(tar.getnames(), labels)
         return splits
 
@@ -216,7 +224,7 @@ def _tfds_builder(loc: DataLocation) -> tfds.core.DatasetBuilder:
                 f"--config.data.download=True (TFDS downloads and prepares it on first use), or run once: "
                 f"tfds build {name} --data_dir={builder.data_dir_root}"
             )
-        _prepare(builder)
+        builder = _prepare(functools.partial(tfds.builder, name, data_dir=loc.data_dir))
     return builder
 
 
@@ -241,65 +249,76 @@ def _source_of(name: str, builder: tfds.core.DatasetBuilder) -> Source:
 
 @dataclasses.dataclass(frozen=True)
 class FolderIndex:
-    """The images of a folder: per split, sorted (relative path, class name) pairs."""
+    """The images of a folder (local or gs://): per split, sorted (relative path, class name) pairs, and
+    the files' sizes."""
 
     root: str
     class_names: tuple[str, ...]
     files: dict[str, tuple[tuple[str, str], ...]]
+    sizes: dict[str, int]  # relative path -> bytes
 
     @property
     def fingerprint(self) -> str:
         h = hashlib.sha1()
         for split, items in sorted(self.files.items()):
             for rel, _ in items:
-                h.update(f"{split}/{rel}:{os.path.getsize(os.path.join(self.root, rel))}\n".encode())
+                h.update(f"{split}/{rel}:{self.sizes[rel]}\n".encode())
         return h.hexdigest()[:12]
+
+
+def _images(folder: epath.Path) -> list[epath.Path]:
+    """The images under ``folder``, at any depth."""
+    return [
+        directory / n for directory, _, names in folder.walk() for n in names if n.lower().endswith(IMAGE_EXTENSIONS)
+    ]
+
+
+def _subdirs(folder: epath.Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_dir())
 
 
 def scan_folder(root: str) -> FolderIndex:
     """Index ``root/<split>/<class>/<image>`` ('val' becomes the 'validation' split)."""
-    if not os.path.isdir(root):
+    base = storage.path(root)
+    if not base.is_dir():
         raise DatasetError(
             f"folder dataset root {root!r} does not exist; set --config.data.folder to a directory laid "
             "out as <root>/train/<class>/*.jpg and <root>/val/<class>/*.jpg."
         )
-    split_dirs = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    split_dirs = _subdirs(base)
     if "train" not in split_dirs:
         raise DatasetError(
             f"{root} has no train/ sub-folder (found {split_dirs}); expected <root>/train/<class>/*.jpg."
         )
-    train = os.path.join(root, "train")
-    class_names = tuple(sorted(d for d in os.listdir(train) if os.path.isdir(os.path.join(train, d))))
+    train = base / "train"
+    class_names = tuple(_subdirs(train))
     if not class_names:
         raise DatasetError(f"{train} has no class sub-folders; expected {train}/<class>/*.jpg.")
-    for cls in class_names:
-        folder = os.path.join(train, cls)
-        if not any(n.lower().endswith(IMAGE_EXTENSIONS) for _, _, names in os.walk(folder) for n in names):
-            raise DatasetError(
-                f"class folder {folder} holds no {'/'.join(IMAGE_EXTENSIONS)} image: it would become a class that "
-                "no training image shows. Add its images or remove the folder."
-            )
     files = {}
     for split_dir in split_dirs:
         items = []
-        for cls in sorted(os.listdir(os.path.join(root, split_dir))):
-            if not os.path.isdir(os.path.join(root, split_dir, cls)):
-                continue
+        for cls in _subdirs(base / split_dir):
             if cls not in class_names:
                 raise DatasetError(
                     f"{root}/{split_dir}/{cls} is a class that {train} lacks; every split must use the "
                     f"classes of train/ ({len(class_names)} classes)."
                 )
-            for dirpath, _, names in os.walk(os.path.join(root, split_dir, cls)):
-                for n in names:
-                    if n.lower().endswith(IMAGE_EXTENSIONS):
-                        items.append((os.path.relpath(os.path.join(dirpath, n), root), cls))
+            images = _images(base / split_dir / cls)
+            if split_dir == "train" and not images:
+                raise DatasetError(
+                    f"class folder {train / cls} holds no {'/'.join(IMAGE_EXTENSIONS)} image: it would become a "
+                    "class that no training image shows. Add its images or remove the folder."
+                )
+            items += [(os.fspath(p.relative_to(base)), cls) for p in images]
         if not items:
             raise DatasetError(
                 f"{root}/{split_dir} holds no {'/'.join(IMAGE_EXTENSIONS)} images under <class>/ folders."
             )
         files[_FOLDER_SPLITS.get(split_dir, split_dir)] = tuple(sorted(items))
-    return FolderIndex(os.path.abspath(root), class_names, files)
+    names = sorted({rel for items in files.values() for rel, _ in items})
+    with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:  # one request per file on GCS
+        sizes = dict(zip(names, pool.map(lambda rel: (base / rel).stat().length, names)))
+    return FolderIndex(os.fspath(base), class_names, files, sizes)
 
 
 class VggJaxFolder(tfds.core.GeneratorBasedBuilder):
@@ -315,7 +334,7 @@ class VggJaxFolder(tfds.core.GeneratorBasedBuilder):
 
     def __init__(self, *, index: FolderIndex, **kwargs: Any):
         self._index = index
-        base = re.sub(r"[^a-z0-9_]+", "_", os.path.basename(index.root.rstrip("/")).lower()) or "root"
+        base = re.sub(r"[^a-z0-9_]+", "_", epath.Path(index.root).name.lower()) or "root"
         config = tfds.core.BuilderConfig(name=f"{base}_{index.fingerprint}", description=f"images under {index.root}")
         super().__init__(config=config, **kwargs)
 
@@ -337,14 +356,14 @@ class VggJaxFolder(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, split: str) -> Iterator[tuple[str, dict]]:
         for rel, cls in self._index.files[split]:
-            with open(os.path.join(self._index.root, rel), "rb") as f:
-                yield rel, {"image": f.read(), "label": cls, "file_name": rel}
+            yield rel, {"image": (epath.Path(self._index.root) / rel).read_bytes(), "label": cls, "file_name": rel}
 
 
-def _folder_builder(loc: DataLocation) -> VggJaxFolder:
+def _folder_builder(loc: DataLocation) -> Callable[[], VggJaxFolder]:
     if not loc.folder:
         raise DatasetError(
             "dataset='folder' needs --config.data.folder=<root> with <root>/train/<class>/*.jpg and "
             "<root>/val/<class>/*.jpg."
         )
-    return VggJaxFolder(index=scan_folder(loc.folder), data_dir=loc.data_dir or default_cache_dir())
+    index = scan_folder(loc.folder)
+    return functools.partial(VggJaxFolder, index=index, data_dir=loc.data_dir or default_cache_dir())

@@ -6,7 +6,6 @@ docs/data.md#dataset-statistics
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -15,7 +14,7 @@ import tensorflow as tf
 from absl import flags
 from ml_collections import config_flags
 
-from vgg_jax import cli
+from vgg_jax import cli, storage
 from vgg_jax.data import transforms
 from vgg_jax.data.config import default_data_config
 from vgg_jax.errors import UserError
@@ -97,9 +96,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if rest:
         cli.fail(f"unexpected arguments {rest}: pick the dataset with --data.dataset=... and its location fields.")
     stats = compute_stats(values.data, values.split, values.num_images, values.seed)
-    os.makedirs(os.path.dirname(os.path.abspath(values.out)), exist_ok=True)
-    with open(values.out, "w") as f:
-        json.dump(stats, f, indent=2)
+    out = storage.path(values.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(stats, indent=2))
     print(json.dumps(stats, indent=2))
     print(f"wrote {values.out}; use it with --config.data.stats_path={values.out}")
     return stats
