@@ -4,11 +4,15 @@ binary) on loopback, inside a network and mount namespace of its own.
 TensorFlow's GCS filesystem (which etils.epath, TFDS and tf.data use for gs://) has no endpoint setting: it
 always calls https://www.googleapis.com and https://storage.googleapis.com. So the emulator runs in a namespace
 with only a loopback interface (nothing leaves it) whose /etc/hosts maps both names to 127.0.0.1, behind a
-small TLS front on port 443 with a certificate of a test CA made here (``CURL_CA_BUNDLE``). The front also
-covers two gaps of the emulator: TensorFlow sends ``Transfer-Encoding: identity`` on an upload's first POST
-(fake-gcs-server answers 501), and asks ``GET /storage/v1/b/BUCKET/storageLayout`` before a rename
-(fake-gcs-server answers 404; GCS answers for any bucket). tensorstore (orbax's arrays, vgg_jax.lease) goes to
-the emulator directly (``TENSORSTORE_GCS_HTTP_URL``).
+small TLS front on port 443 with a certificate of a test CA made here (``CURL_CA_BUNDLE``; tensorstore, which
+writes orbax's arrays and vgg_jax.storage's leases, goes the same way with ``TENSORSTORE_CA_BUNDLE``;
+google-cloud-storage, which orbax uses to list a bucket's steps, goes to the emulator directly through
+``STORAGE_EMULATOR_HOST``). The front covers three gaps of the emulator, answering as GCS does:
+TensorFlow sends ``Transfer-Encoding: identity`` on an upload's first POST (fake-gcs-server answers 501); it
+asks ``GET /storage/v1/b/BUCKET/storageLayout`` before a rename (fake-gcs-server answers 404); and the bundled
+fake-gcs-server ignores ``ifGenerationMatch`` on a simple (``uploadType=media``) upload, which tensorstore's
+conditional writes use, while it honours it on a multipart upload: the front sends such an upload as the same
+multipart one. Upload sessions come back as ``https``.
 
 Clients run in the namespace through ``nsenter`` (``Emulator.command``), with ``Emulator.env()``.
 ``python tests/gcs_emulator.py serve DIR`` is the process that holds the namespace (started by ``Emulator``).
@@ -58,7 +62,7 @@ class Emulator:
 
     def start(self, timeout: float = 60.0) -> Emulator:
         self.directory.mkdir(parents=True, exist_ok=True)
-        log = open(self.directory / "serve.log", "w")  # noqa: SIM115 (kept open for the process)
+        log = open(self.directory / "serve.log", "w")  # the process's output, kept open for it
         self.proc = subprocess.Popen(
             ["unshare", "--net", "--mount", "--fork", "--", sys.executable, __file__, "serve", str(self.directory)],
             stdin=subprocess.PIPE,
@@ -84,7 +88,7 @@ class Emulator:
             GOOGLE_AUTH_TOKEN_FOR_TESTING="emulator",  # TensorFlow and tensorstore: no credential lookup
             NO_GCE_CHECK="true",
             TENSORSTORE_CA_BUNDLE=str(self.directory / "ca.pem"),  # tensorstore (orbax's arrays, vgg_jax.lease)
-            STORAGE_EMULATOR_HOST=f"http://127.0.0.1:{EMULATOR_PORT}",  # gcsfs and google-cloud-storage
+            STORAGE_EMULATOR_HOST=f"http://127.0.0.1:{EMULATOR_PORT}",  # google-cloud-storage (orbax), gcsfs
             GCS_STAT_CACHE_MAX_AGE="0",  # TensorFlow: see other processes' writes at once
             GCS_MATCHING_PATHS_CACHE_MAX_AGE="0",
         )
@@ -201,8 +205,6 @@ class _Front(http.server.BaseHTTPRequestHandler):
         return ok
 
     def _relay(self) -> None:
-        if os.environ.get("FRONT_DEBUG"):
-            print("REQ", time.time(), self.command, self.path, dict(self.headers), flush=True)
         body = b""
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             while size := int(self.rfile.readline().split(b";")[0], 16):
@@ -243,8 +245,6 @@ class _Front(http.server.BaseHTTPRequestHandler):
         out = [(k, v) for k, v in response.getheaders() if k.lower() not in _HOP_BY_HOP | {"content-length"}]
         # The emulator names the upload session with the scheme it was asked by (http): the client is on https.
         out = [(k, v.replace("http://", "https://", 1) if k.lower() == "location" else v) for k, v in out]
-        if os.environ.get("FRONT_DEBUG"):
-            print("RESP", time.time(), response.status, out, data[:100], flush=True)
         self._answer(response.status, out, data)
 
     def _answer(self, status: int, headers: list[tuple[str, str]], data: bytes) -> None:

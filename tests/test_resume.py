@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -172,3 +173,84 @@ def test_an_evaluation_error_loses_no_training(four_steps, tmp_path, data_dir):
     results = json.loads((workdir / "results.json").read_text())
     assert results["step"] == 8 and results["images"] == 40
     assert logged(workdir, "eval/images").keys() >= {4, 8}
+
+
+def test_every_checkpoint_damaged_stops_in_one_line_and_changes_nothing(four_steps, tmp_path, data_dir):
+    """No silent fresh start: the error names every damaged step; a fresh start only when asked for."""
+    workdir = copy_run(four_steps, tmp_path / "run")
+    for step in (2, 4):
+        damage(
+            max((workdir / "checkpoints" / str(step) / "state" / "d").iterdir(), key=lambda p: p.stat().st_size),
+            "truncate",
+        )
+    before = {str(p.relative_to(workdir)): p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()}
+    proc = run_main(workdir, data_dir, "--config.num_train_steps=6", *STEPS, expect_ok=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "falling back" not in proc.stderr
+    line = last_line(proc)
+    assert line.startswith(f"error: Every checkpoint in {workdir}/checkpoints is damaged (step 4: state/d/")
+    assert "; step 2: state/d/" in line and "--config.checkpoint.fresh_start_if_damaged=True" in line
+    after = {str(p.relative_to(workdir)): p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()}
+    lease = f"checkpoints/{checkpoints.LEASE}"  # the workdir's lock, taken and released
+    assert {k: v for k, v in after.items() if k != lease} == {k: v for k, v in before.items() if k != lease}
+    proc = run_main(
+        workdir, data_dir, "--config.num_train_steps=2", *STEPS, "--config.checkpoint.fresh_start_if_damaged=True"
+    )
+    assert "starting afresh from step 0" in proc.stderr
+    assert (workdir / "checkpoints" / "2.damaged").is_dir() and (workdir / "checkpoints" / "4.damaged").is_dir()
+    assert latest_step(workdir) == 2
+
+
+def test_a_step_without_checksums_is_damaged_unless_unverified_steps_are_allowed(four_steps, tmp_path, data_dir):
+    """Every step vgg_jax writes has checksum files: one without them is damaged or foreign, never 'intact'."""
+    workdir = copy_run(four_steps, tmp_path / "run")
+    step = workdir / "checkpoints" / "4"
+    for digests in step.rglob(checkpoints.DIGESTS):
+        digests.unlink()
+    with pytest.raises(
+        CheckpointError, match=r"checkpoints/4 is damaged \(no _CHECKSUMS.* cannot be verified.*intact steps: 2"
+    ):
+        load(str(workdir))
+    assert load(str(workdir), allow_unverified=True).path == str(workdir)  # as the user allows
+    damage(max((step / "state" / "d").iterdir(), key=lambda p: p.stat().st_size), "flip")
+    proc = run_main(workdir, data_dir, "--config.num_train_steps=6", *STEPS)
+    assert "Checkpoint step 4 is damaged (no _CHECKSUMS.sha256.json files" in proc.stderr
+    assert "unverified" not in proc.stderr.replace("allow unverified steps", "")
+    assert "Resumed from" in proc.stderr and "at step 2" in proc.stderr
+
+
+def test_a_second_run_on_a_workdir_is_refused_in_one_line_while_the_first_lives(tmp_path, data_dir):
+    first = subprocess.Popen(
+        main_command(
+            tmp_path,
+            data_dir,
+            "--config.num_train_steps=6",
+            *STEPS,
+            script=str(Path(__file__).with_name("slow_save_main.py")),
+        ),
+        cwd=REPO,
+        env={**{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}, "VGG_JAX_TEST_STALL_STEP": "2"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        while not (tmp_path / "checkpoints" / "stalled").exists():
+            assert first.poll() is None, first.stderr.read()[-3000:]
+            time.sleep(0.1)
+        proc = run_main(
+            tmp_path,
+            data_dir,
+            "--config.num_train_steps=6",
+            *STEPS,
+            "--config.optimizer.learning_rate=0.05",
+            expect_ok=False,
+        )
+    finally:
+        first.kill()
+        first.wait()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    line = last_line(proc)
+    assert (
+        line.startswith(f"error: A training run in {tmp_path} is already under way: ") and f" pid {first.pid} " in line
+    )
+    assert not list(tmp_path.glob("events.out.tfevents.*"))[1:]  # only the first run's

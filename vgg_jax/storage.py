@@ -114,6 +114,12 @@ class Lease:
             return not _alive(int(record.get("pid", 0)))
         return None
 
+    def holder(self) -> dict[str, Any] | None:
+        """The record of the process that holds the lease now (or may: on another host, not yet lapsed); None
+        if it is free. Only reads."""
+        record, _ = self._read()
+        return None if self._free(record) is True else record
+
     def describe(self, record: dict[str, Any]) -> str:
         age = max(0.0, time.time() - float(record.get("renewed", 0)))
         since = time.ctime(float(record.get("since", 0)))

@@ -28,7 +28,7 @@ from vgg_jax.errors import UserError
 IMAGENET_TARS = {"train": "ILSVRC2012_img_train.tar", "validation": "ILSVRC2012_img_val.tar"}
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 _FOLDER_SPLITS = {"val": "validation"}  # folder name -> TFDS split name; others keep their name
-PREPARE_LEASE = ".vgg_jax_prepare.lease"  # in data_dir: the process preparing a dataset there (vgg_jax.storage)
+PREPARE_LEASE = ".vgg_jax_prepare.{}.lease"  # in data_dir, per dataset: the process preparing it (vgg_jax.storage)
 PREPARE_WAIT = 24 * 3600.0  # seconds a process waits for another one's preparation before it gives up
 
 
@@ -116,18 +116,22 @@ def check_split(source: Source, split: str) -> None:
 
 
 def _prepare(make: Callable[[], tfds.core.DatasetBuilder], **kwargs: Any) -> tfds.core.DatasetBuilder:
-    """The builder ``make()`` returns, its dataset prepared once whatever the number of processes preparing it.
+    """The builder ``make()`` returns, its dataset prepared once whatever the number of processes asking.
 
-    Preparing holds the data_dir's lease (``PREPARE_LEASE``, vgg_jax.storage: atomic on local disks and on
-    GCS), so of the processes sharing a data_dir, those of one run or of a sweep, one prepares and the others
-    wait, then read what it wrote; processes with data_dirs of their own (hosts with their own disks) each
+    Preparing holds the dataset's lease in its data_dir (``PREPARE_LEASE``, vgg_jax.storage: atomic on local
+    disks and on GCS), so of the processes sharing a data_dir, those of one run or of a sweep, one prepares and
+    the others wait, then read what it wrote; processes with data_dirs of their own (hosts with their own disks) each
     prepare theirs. The builder is made again after waiting: it reads the finished dataset's info."""
     builder = make()
-    if builder.is_prepared():
-        return builder
+    name = builder.info.full_name  # name/config/version
     lease = storage.Lease(
-        storage.path(builder.data_dir_root) / PREPARE_LEASE, f"preparing {builder.name} in {builder.data_dir_root}"
+        storage.path(builder.data_dir_root) / PREPARE_LEASE.format(name.replace("/", ".")),
+        f"preparing {name} in {builder.data_dir_root}",
     )
+    # Prepared and nobody preparing (on GCS, TFDS's final rename copies file by file: wait for its end).
+    # Reads only, so a prepared data_dir may be read-only.
+    if builder.is_prepared() and lease.holder() is None:
+        return builder
     advice = (
         "If that process is stuck, stop it; or prepare the dataset beforehand (tfds build, or one run with this "
         "data_dir) and start the others after it."
