@@ -170,9 +170,8 @@ def _wait_reporting(
         try:
             return proc.wait(timeout=every)
         except subprocess.TimeoutExpired:
-            notes = [
-                line for line in log.read_text(errors="replace").splitlines() if "Setting work unit notes:" in line
-            ]
+            text = log.read_bytes().decode(errors="replace")
+            notes = [line for line in text.splitlines() if "Setting work unit notes:" in line]
             if notes and notes[-1] != last:
                 last = notes[-1]
                 echo(f"{prefix}: {last.split('Setting work unit notes: ', 1)[1]}")

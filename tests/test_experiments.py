@@ -857,3 +857,20 @@ def test_tpu_bundle_ships_the_code_and_not_earlier_scripts_or_bundles():
         assert not list(scripts.glob("*.partial"))
     finally:
         shutil.rmtree(scripts)
+
+
+def test_the_local_launcher_echoes_a_running_jobs_progress(tmp_path):
+    """While a job runs, its newest progress line (clu's work-unit notes) is echoed; the log is read as bytes
+    through epath (it may hold anything the job printed)."""
+    from etils import epath
+
+    from experiments import launch
+
+    log = epath.Path(tmp_path / "job.log")
+    line = b"I Setting work unit notes: 1.0 steps/s, 50.0% (2/4), ETA: 0m \xff\n"  # not UTF-8 at its end
+    code = f"import sys, time; sys.stdout.buffer.write({line!r}); sys.stdout.flush(); time.sleep(2)"
+    with log.open("a") as f:
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=f)
+        echoed = []
+        assert launch._wait_reporting(proc, log, echoed.append, "[1/1] job", every=0.2) == 0
+    assert echoed and echoed[0].startswith("[1/1] job: 1.0 steps/s, 50.0% (2/4)")
