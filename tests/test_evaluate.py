@@ -351,9 +351,10 @@ def test_cli_errors_name_the_fix(tmp_path, capsys):
 
 
 def test_default_output_directory(tmp_path):
-    assert evaluate.default_out(str(tmp_path)) == str(tmp_path / "eval")
-    assert evaluate.default_out(str(tmp_path / "checkpoints")) == str(tmp_path / "eval")
-    assert evaluate.default_out(str(tmp_path / "checkpoints" / "12")) == str(tmp_path / "eval")
+    assert str(evaluate.default_out(str(tmp_path))) == str(tmp_path / "eval")
+    assert str(evaluate.default_out(str(tmp_path / "checkpoints"))) == str(tmp_path / "eval")
+    assert str(evaluate.default_out(str(tmp_path / "checkpoints" / "12"))) == str(tmp_path / "eval")
+    assert str(evaluate.default_out("gs://bucket/run/checkpoints/12")) == "gs://bucket/run/eval"  # not ./gs:/...
 
 
 def test_checkpoint_trained_on_two_devices(run):
