@@ -92,6 +92,7 @@ def run(devices: int, steps: int, reduce: str, seed: int, data: tuple[np.ndarray
         errors.append(float(error))
         if (i + 1) % (steps // 3) == 0:
             snapshots[i + 1] = jax.tree_util.tree_map(np.asarray, state.params)
+    print(f"  {devices} devices, {reduce}, seed {seed}: loss {losses[0]:.3f} -> {losses[-1]:.3f}", flush=True)
     return np.array(losses), np.array(errors), snapshots
 
 
