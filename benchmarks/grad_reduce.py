@@ -11,7 +11,7 @@ reduced size, on the built-in demo images resized to 32 x 32.
 
     python benchmarks/grad_reduce.py --devices=64,256 --steps=300
 
-Results: docs/training.md#mixed-precision.
+Results: docs/training.md#the-gradient-all-reduce.
 """
 
 from __future__ import annotations
