@@ -20,6 +20,7 @@ from tiny_runs import TINY
 # the single-host v5e and v6e 8-chip machines).
 SLICES = {
     "v4-8": (4, 1),
+    "v4-16": (8, 2),
     "v4-32": (16, 4),
     "v5litepod-8": (8, 1),
     "v5litepod-64": (64, 16),

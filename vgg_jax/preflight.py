@@ -111,7 +111,7 @@ def parse_topology(name: str) -> Topology:
         per_host = (2, 4, 1) if chips == 8 else (2, 2, 1)
         wrap = (chips == 256, chips == 256, False)
     topology = f"{prefix}:{'x'.join(map(str, grid))}"
-    hosts = chips // math.prod(per_host) if chips > 8 else 1
+    hosts = max(1, chips // math.prod(per_host))
     return Topology(name, "tpu", generation, topology, chips, hosts, chip_config, per_host, wrap)
 
 
