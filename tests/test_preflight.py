@@ -161,10 +161,10 @@ def test_tiny_run_compiles_for_an_8_gpu_node_and_fits():
     out = proc.stdout
     assert "h100-80gbx8: 8 GPUs (1x1x8, NVIDIA H100 80GB HBM3), 1 host(s) = processes; 58.33 GiB usable per GPU" in out
     assert "global batch 16 = 16 per host = 2 per GPU" in out
-    # The gradient all-reduce and its type: bfloat16 with bfloat16 compute, 2 bytes for each of the 37,250
-    # parameters (74,500 B); the 12 B of float32 are the loss and metrics.
+    # The gradient all-reduce and its type: bfloat16 with bfloat16 compute, 2 bytes for each of the 54,080
+    # parameters (fc8 has 1,000 classes here): 108,160 B; the 12 B of float32 are the loss and metrics.
     train = next(line for line in out.splitlines() if line.startswith("train: "))
-    assert "all-reduce x2 72.8 KiB (bf16 72.8 KiB, f32 12 B)" in train and train.endswith(": fits")
+    assert "all-reduce x2 105.6 KiB (bf16 105.6 KiB, f32 12 B)" in train and train.endswith(": fits")
     assert out.index("train: ") < out.index("| step |")  # a line per compile as it ends, then the table
     assert "| eval center |" in out and out.strip().endswith("fits")
 
