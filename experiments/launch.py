@@ -15,6 +15,7 @@ import time
 import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from absl import flags
 from etils import epath
@@ -24,7 +25,7 @@ if __package__ in (None, ""):  # `python experiments/launch.py`
 
 from experiments import slurm, status, sweeps, tpu  # noqa: E402
 from experiments.plan import Job, plan, write_manifest  # noqa: E402
-from vgg_jax import cli, storage  # noqa: E402
+from vgg_jax import cli, hardware, preflight, storage  # noqa: E402
 from vgg_jax.errors import UserError  # noqa: E402
 
 MODES = ("local", "tpu", "slurm")
@@ -117,6 +118,12 @@ def define_flags(values: flags.FlagValues, argv: list[str]) -> None:
     string("scripts_dir", None, "tpu/slurm: where the scripts go (default: <root>/<mode>).")
     flags.DEFINE_bool("dry_run", False, "Print the commands only; write and submit nothing.", flag_values=values)
     flags.DEFINE_bool("submit", False, "tpu/slurm: also run run_all.sh / submit.sh.", flag_values=values)
+    flags.DEFINE_bool(
+        "skip_preflight",
+        False,
+        "tpu/slurm: do not compile each job for the slice or GPUs first (vgg_jax.preflight) to see that it fits.",
+        flag_values=values,
+    )
     string(
         "repo_dir",
         None,
@@ -134,10 +141,13 @@ def define_flags(values: flags.FlagValues, argv: list[str]) -> None:
     flags.DEFINE_enum(
         "create", "", ["", "spot", "reserved"], "tpu: create the slice first, as a queued resource.", flag_values=values
     )
-    string("accelerator_type", "", "tpu: with --create, e.g. v5litepod-64.")
+    string("accelerator_type", "", "tpu: the slice's type, e.g. v5litepod-64: each job is compiled for it first.")
     string("runtime_version", "", "tpu: with --create (default: the generation's TPU VM image).")
     flags.DEFINE_integer(
         "poll_seconds", 300, "tpu: how often run_all.sh asks worker 0 for a job's state.", flag_values=values
+    )
+    flags.DEFINE_enum(
+        "gpu", None, list(hardware.GPU), "slurm: the partition's GPUs: each job is compiled for them first.", values
     )
     flags.DEFINE_integer("nodes", 1, "slurm: nodes per job.", flag_values=values)
     flags.DEFINE_integer("gpus_per_node", 8, "slurm: GPUs per node.", flag_values=values)
@@ -191,6 +201,20 @@ def parse_args(argv: Sequence[str] | None) -> tuple[types.SimpleNamespace, list[
         cli.fail("--platform picks a configs/paper.py variant; with --base_config set --config.model.dtype instead.")
     if args.mode == "tpu" and not (args.tpu and args.zone):
         cli.fail("--mode=tpu needs --tpu=NAME and --zone=ZONE.")
+    if (
+        args.mode != "local"
+        and not args.skip_preflight
+        and not (args.gpu if args.mode == "slurm" else args.accelerator_type)
+    ):
+        what = (
+            "--gpu=TYPE (the partition's GPUs: " + ", ".join(hardware.GPU) + ")"
+            if args.mode == "slurm"
+            else ("--accelerator_type=TYPE (the slice's, e.g. v5litepod-64)")
+        )
+        cli.fail(
+            f"--mode={args.mode} compiles each job for its hardware before it spends a slot: give {what}, "
+            "or --skip_preflight."
+        )
     return args, overrides
 
 
@@ -236,9 +260,9 @@ def launch(args: types.SimpleNamespace, overrides: Sequence[str]) -> None:
     root = str(storage.path(root))
     jobs = plan(sweep, root, distributed=args.mode != "local")
     print(f"Sweep {sweep.name!r}: {len(jobs)} jobs under {root}")
-    if not args.dry_run:
-        write_manifest(sweep, jobs, root)
     if args.mode == "local":
+        if not args.dry_run:
+            write_manifest(sweep, jobs, root)
         run_local(jobs, root, dry_run=args.dry_run)
         if not args.dry_run:
             print(f"All jobs finished. Report: python -m experiments.report {root}")
@@ -252,6 +276,10 @@ def launch(args: types.SimpleNamespace, overrides: Sequence[str]) -> None:
         if job.name in done:
             print(f"{job.name}: finished already, not submitted")
     todo = [job for job in jobs if job.name not in done]
+    if not args.skip_preflight:
+        preflight_jobs(args, todo)  # before anything is written or submitted
+    if not args.dry_run:
+        write_manifest(sweep, jobs, root)
     if args.mode == "tpu" and not remote:
         print("Note: the workers of a pod share no disk; use a gs:// --root unless the TPU VM is a single host.")
     scripts = Path(args.scripts_dir or (f"{sweep.name}-{args.mode}" if remote else f"{root}/{args.mode}")).resolve()
@@ -259,6 +287,56 @@ def launch(args: types.SimpleNamespace, overrides: Sequence[str]) -> None:
         write_tpu(args, todo, scripts)
     else:
         write_slurm(args, sweep.name, todo, scripts)
+
+
+def job_shape(config) -> str:
+    """What decides a job's compiled programs: the model (not its initialisation), the batch and its split, the
+    mesh, the in-training evaluation (the centre crop's shape is the crop's; a dense pass's, its test scale's)."""
+    dense = "dense" in config.eval_protocol
+    return repr(
+        (
+            sorted((k, v) for k, v in config.model.items() if not k.startswith("init_")),
+            config.data.crop_size,
+            config.global_batch_size,
+            config.grad_accum_steps,
+            sorted(config.mesh.items()),
+            config.eval_protocol,
+            config.eval_batch_size,
+            (max(int(q) for q in config.data.eval_scales), tuple(config.data.dense_aspect_buckets)) if dense else (),
+        )
+    )
+
+
+def preflight_jobs(args: types.SimpleNamespace, jobs: Sequence[Job]) -> None:
+    """Compiles each distinct shape of the training jobs (with its in-training evaluation) for the slice or the
+    GPUs the jobs will get (``vgg_jax.preflight``), printing the figures; UserError naming the job, its memory and
+    the ways out when one does not fit. Before anything is written or submitted."""
+    if args.mode == "slurm":
+        topology = f"{args.gpu}x{args.gpus_per_node}" + (f",nodes={args.nodes}" if args.nodes > 1 else "")
+    else:
+        topology = args.accelerator_type
+    spec = preflight.parse_topology(topology)
+    shapes: dict[str, list[tuple[Job, Any]]] = {}
+    for job in jobs:
+        if job.kind == "train":
+            config = sweeps.resolve_config(job.facts["config"], job.facts["overrides"])
+            config.distributed.enabled = True  # as the job's command line sets it
+            shapes.setdefault(job_shape(config), []).append((job, config))
+    for group in shapes.values():
+        job, config = group[0]
+        others = f" (and {len(group) - 1} more job(s) of its shape: {', '.join(j.name for j, _ in group[1:])})"
+        print(f"preflight: {job.name}{others if len(group) > 1 else ''} on {topology}", flush=True)
+        _, results = preflight.check(config, spec)
+        for r in results:
+            if not r.fits:
+                need = f"{preflight.gib(r.total)} per {spec.chip}" if r.total else r.error
+                raise UserError(
+                    f"job {job.name} does not fit on {topology}: its {r.what} step needs {need} of "
+                    f"{preflight.gib(spec.usable_bytes)} usable; rematerialise (--config.model.remat=blocks), "
+                    f"take a smaller per-{spec.chip} batch (--config.global_batch_size, or --config.grad_accum_steps=N "
+                    f"to keep it), or more {spec.chip}s; --skip_preflight launches it anyway."
+                )
+    print(f"preflight: {len(shapes)} job shape(s) fit on {topology}", flush=True)
 
 
 def _finished(job: Job) -> bool:

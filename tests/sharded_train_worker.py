@@ -1,7 +1,7 @@
 """Subprocess worker: a few sharded train steps of a tiny VGG on fixed global batches.
 
-Run as ``python sharded_train_worker.py OUT --devices N [--model_axis M] [--process_id I
---num_processes P --port PORT]``. Every process feeds its slice of the same global batches, so
+Run as ``python sharded_train_worker.py OUT --devices N [--model_axis M] [--accum K] [--reduce float32]
+[--process_id I --num_processes P --port PORT]``. Every process feeds its slice of the same global batches, so
 the result must not depend on the device or process layout. Process 0 writes the final params
 to OUT (npz).
 """
@@ -22,6 +22,7 @@ parser.add_argument("--port", type=int, default=0)
 parser.add_argument("--steps", type=int, default=3)
 parser.add_argument("--accum", type=int, default=1)
 parser.add_argument("--plain", action="store_true", help="vgg11 without dropout instead of vgg11_bn")
+parser.add_argument("--reduce", default="compute", help="mesh.grad_reduce_dtype")
 args = parser.parse_args()
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
 
@@ -65,7 +66,7 @@ mesh = sharding.make_mesh(args.model_axis)
 abstract = jax.eval_shape(lambda r: create_train_state(model, tx, r), jax.random.PRNGKey(0))
 shardings = sharding.state_shardings(mesh, abstract, shard_fc=args.model_axis > 1)
 state = jax.jit(lambda r: create_train_state(model, tx, r), out_shardings=shardings)(jax.random.PRNGKey(0))
-step = jit_train_step(shardings, sharding.batch_sharding(mesh), accum_steps=args.accum)
+step = jit_train_step(shardings, sharding.batch_sharding(mesh), accum_steps=args.accum, reduce_dtype=args.reduce)
 
 local = sharding.split_batch(GLOBAL_BATCH, num_processes=jax.process_count(), num_devices=mesh.shape[sharding.DATA])
 lo = jax.process_index() * local

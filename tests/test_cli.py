@@ -26,6 +26,12 @@ CONFIG_ERRORS = [
     ("--config.optimizer.schedule=linear", "--config.optimizer.schedule='linear': must be one of plateau"),
     ("--config.data.crop_size=33", "--config.data.crop_size=33: must be a multiple of 32"),
     ("--config.checkpoint.keep=0", "--config.checkpoint.keep=0: must be >= 1"),
+    ("--config.mesh.grad_reduce_dtype=bf16", "--config.mesh.grad_reduce_dtype='bf16': must be one of compute, float32"),
+    (
+        "--config.model.name=vgg11_bn --config.mesh.grad_reduce_dtype=float32",
+        "--config.mesh.grad_reduce_dtype='float32': computes each device's gradient apart, where vgg11_bn's batch "
+        "normalisation would use per-device statistics",
+    ),
 ]
 
 
@@ -33,7 +39,7 @@ CONFIG_ERRORS = [
 def test_bad_config_values_stop_before_anything_is_written(override, message, tmp_path):
     workdir = tmp_path / "run"
     with pytest.raises(ConfigError) as e:
-        main.main([f"--workdir={workdir}", *TINY, override])
+        main.main([f"--workdir={workdir}", *TINY, *override.split()])
     assert message in str(e.value) and "\n" not in str(e.value)
     assert not workdir.exists()
 
@@ -110,7 +116,7 @@ def test_quiet_console_drops_known_start_up_noise_and_keeps_the_rest(capfd):
     assert quiet.filter(record("vgg_jax.train", "Step 4: 45% of the time waited for input batches"))
 
 
-def test_an_entry_point_on_a_machine_without_a_tpu_prints_no_libtpu_error():
+def test_an_entry_point_on_a_machine_without_a_tpu_or_gpu_prints_no_plugin_error():
     """With libtpu installed (the test requirements, the [tpu] extra) and no TPU, JAX probes libtpu at the
     first device query, and libtpu prints a false INVALID_ARGUMENT error unless told a slice: cli.quiet tells it."""
     import importlib.util
@@ -126,3 +132,6 @@ def test_an_entry_point_on_a_machine_without_a_tpu_prints_no_libtpu_error():
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "cpu", proc.stderr
     assert "TPU" not in proc.stderr and "INVALID_ARGUMENT" not in proc.stderr, proc.stderr
+    # Nor JAX's CUDA plugin (installed to compile for GPUs), whose start-up fails where there is no GPU.
+    assert importlib.util.find_spec("jax_plugins.xla_cuda12") is not None and not cli.has_nvidia_driver()
+    assert "plugin configuration error" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

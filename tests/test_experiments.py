@@ -27,6 +27,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 
 from experiments import compare, launch, plan, plots, report, results, slurm, status, sweeps, tpu  # noqa: E402
+from vgg_jax.errors import UserError  # noqa: E402
 
 from tiny_runs import free_port  # noqa: E402
 
@@ -565,6 +566,7 @@ def test_slurm_submit_chains_jobs_with_afterok(tmp_path, monkeypatch, capsys):
         "--partition=gpu",
         "--sbatch=--qos=high",
         "--submit",
+        "--skip_preflight",  # full-size nets: the preflight is tested below on tiny ones
         "--config.data.manual_dir=/data/imagenet",
     ]
     launch.main([*args, "--dry_run"])  # prints the scripts; writes and submits nothing, even with --submit
@@ -599,6 +601,65 @@ def test_slurm_submit_chains_jobs_with_afterok(tmp_path, monkeypatch, capsys):
         f"--output={root}/slurm/logs/D_384-%j.out",
     ):
         assert f"#SBATCH {option}\n" in script
+
+
+# The tiny demo run of TINY in bfloat16, and one whose fc7 (131072^2 float32 parameters, 64 GiB) fits no GPU.
+PREFLIGHT_TINY = ["--config=configs/demo.py", *TINY, "--config.model.dtype=bfloat16"]
+HUGE = "--config.model.fc_width=131072"
+
+
+def test_slurm_launch_compiles_each_job_for_the_gpus_first_and_refuses_one_that_does_not_fit(
+    tmp_path, monkeypatch, capsys
+):
+    """Nothing is written or submitted for a job that does not fit; one that fits is submitted after its figures."""
+    bin_dir = fake_tools(tmp_path / "bin")
+    log, root = tmp_path / "sbatch.log", tmp_path / "runs"
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_LOG", str(log))
+    args = ["--mode=slurm", "--gpu=h100-80gb", "--gpus_per_node=8", f"--root={root}", "--submit", *PREFLIGHT_TINY]
+    with pytest.raises(UserError) as refused:
+        launch.main(["--name=huge", *args, HUGE])
+    message = str(refused.value)
+    assert message.startswith("job huge does not fit on h100-80gbx8: its train step needs "), message
+    assert message.endswith(
+        " GiB per GPU of 58.33 GiB usable; rematerialise (--config.model.remat=blocks), take a smaller per-GPU batch "
+        "(--config.global_batch_size, or --config.grad_accum_steps=N to keep it), or more GPUs; --skip_preflight "
+        "launches it anyway."
+    ), message
+    assert not root.exists() and not log.exists()
+    capsys.readouterr()
+    launch.main(["--name=tiny", *args])
+    out = capsys.readouterr().out
+    assert "preflight: tiny on h100-80gbx8\nh100-80gbx8: 8 GPUs (1x1x8, NVIDIA H100 80GB HBM3)" in out
+    train = next(line for line in out.splitlines() if line.startswith("train: "))
+    assert " of 58.33 GiB (" in train and "all-reduce" in train and train.endswith(": fits")
+    assert out.index("preflight: 1 job shape(s) fit on h100-80gbx8") < out.index("Wrote 1 sbatch scripts")
+    assert log.read_text().split()[1:] == ["--parsable", "tiny.sbatch"]
+    with pytest.raises(SystemExit):  # the GPU type is needed, unless the preflight is skipped
+        launch.main(["--name=tiny", *[a for a in args if not a.startswith("--gpu=")]])
+    assert "--mode=slurm compiles each job for its hardware before it spends a slot: give --gpu=" in (
+        capsys.readouterr().err
+    )
+
+
+def test_launchers_compile_the_paper_sweep_as_one_shape_per_network():
+    """D_256, D_384 and D_256-512 train the same program (the in-training evaluation is the centre crop)."""
+    jobs = [j for j in plan.plan(sweeps.paper(staged=True), "/runs", distributed=True) if j.kind == "train"]
+    shapes = {launch.job_shape(sweeps.resolve_config(j.facts["config"], j.facts["overrides"])) for j in jobs}
+    assert len(jobs) == 18 and len(shapes) == 6
+    dense = sweeps.resolve_config("configs/paper.py:D,384,gpu", ["--config.eval_protocol=dense"])
+    assert launch.job_shape(dense) != launch.job_shape(sweeps.resolve_config("configs/paper.py:D,256,gpu", []))
+
+
+def test_tpu_launch_refuses_a_job_that_does_not_fit_the_slice(tmp_path, monkeypatch):
+    bin_dir = fake_tools(tmp_path / "bin")
+    log, scripts = tmp_path / "gcloud.log", tmp_path / "tpu"
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_LOG", str(log))
+    args = ["--name=huge", "--mode=tpu", "--tpu=pod", "--zone=z", "--accelerator_type=v5litepod-4", "--submit"]
+    with pytest.raises(UserError, match="job huge does not fit on v5litepod-4: its train step needs Ran out of memory"):
+        launch.main([*args, f"--root={tmp_path / 'runs'}", f"--scripts_dir={scripts}", *PREFLIGHT_TINY, HUGE])
+    assert not scripts.exists() and not (tmp_path / "runs").exists() and not log.exists()
 
 
 def test_slurm_job_script_runs_srun_and_requeues_until_done(tmp_path):
@@ -751,6 +812,7 @@ def test_tpu_launch_ships_the_code_runs_detached_survives_a_dropped_connection_a
         f"--python={sys.executable}",
         "--install=true",
         "--poll_seconds=1",
+        "--skip_preflight",  # the TPU preflight's refusal is tested above
         *TINY,
         f"--config.data.data_dir={data_dir}",
         # The workers' jax.distributed: one process of an explicit cluster here (a pod auto-detects).

@@ -409,7 +409,12 @@ def test_fc_sharding_equals_replicated(tmp_path):
 
 
 def test_gradient_accumulation_on_a_mesh_equals_the_full_batch(tmp_path):
-    """Micro-batches taken from each device's own share (no BN, no dropout: exactly the same gradient)."""
+    """Micro-batches taken from each device's own share (no BN, no dropout: exactly the same gradient); the same
+    with the gradients reduced in float32 (mesh.grad_reduce_dtype: each device's gradient, then one float32 mean
+    over the data axis, here 4 devices x fc6/fc7 split over a model axis of 2)."""
     full, _ = _run_workers(tmp_path, "full", 1, 4, "--plain")
     accumulated, _ = _run_workers(tmp_path, "accumulated", 1, 4, "--plain", "--accum", "2")
     _assert_same_params(full, accumulated)
+    args = ("--plain", "--accum", "2", "--model_axis", "2", "--reduce", "float32")
+    reduced, _ = _run_workers(tmp_path, "float32", 1, 8, *args)
+    _assert_same_params(full, reduced)

@@ -20,6 +20,7 @@ from vgg_jax.errors import ConfigError
 SCHEDULES = ("plateau", "step", "cosine", "constant")
 DTYPES = ("float32", "bfloat16")
 INIT_SCHEMES = ("paper", "glorot", "he")
+GRAD_REDUCE_DTYPES = ("compute", "float32")
 
 # Fields (or sections, ending in '.') that may change when a run resumes: how long and how fast it
 # trains, how it is evaluated, checkpointed and logged, where the data lives and how it runs. Every
@@ -190,6 +191,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(config.checkpoint.keep >= 1, "checkpoint.keep", config.checkpoint.keep, "must be >= 1")
     _check(config.checkpoint.keep_best >= 0, "checkpoint.keep_best", config.checkpoint.keep_best, "must be >= 0")
     _check(config.mesh.model >= 1, "mesh.model", config.mesh.model, "must be >= 1")
+    _enum("mesh.grad_reduce_dtype", config.mesh.grad_reduce_dtype, GRAD_REDUCE_DTYPES)
+    _check(
+        not (models.canonical_name(model.name).endswith("_bn") and config.mesh.grad_reduce_dtype == "float32"),
+        "mesh.grad_reduce_dtype",
+        config.mesh.grad_reduce_dtype,
+        f"computes each device's gradient apart, where {model.name}'s batch normalisation would use per-device "
+        "statistics: use 'compute' with BN models",
+    )
     if config.reset_head and not config.init_from:
         _fail("reset_head", True, "replaces fc8 of the init_from run's parameters: set --config.init_from")
     preprocessing.InputConvention.from_data_config(data)  # mean/std/resize

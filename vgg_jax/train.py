@@ -262,7 +262,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     num_profile_steps=config.profile.num_steps,
                 )
             )
-    step_fn = jit_train_step(shardings, sharding.batch_sharding(mesh), config.grad_accum_steps)
+    step_fn = jit_train_step(
+        shardings, sharding.batch_sharding(mesh), config.grad_accum_steps, config.mesh.grad_reduce_dtype
+    )
     preemption = PreemptionFlag()
     throughput = Throughput(config, model, mesh)
 

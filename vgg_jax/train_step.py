@@ -71,10 +71,10 @@ def topk_correct(scores: jax.Array | np.ndarray, labels: jax.Array | np.ndarray,
     return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
 
 
-def _loss_and_grads(state: TrainState, params: Any, batch_stats: Any, images, labels, rng):
+def _loss_and_grads(apply_fn, params: Any, batch_stats: Any, images, labels, rng):
     def loss_fn(p):
         variables = {"params": p} | ({"batch_stats": batch_stats} if batch_stats else {})
-        logits, updates = state.apply_fn(
+        logits, updates = apply_fn(
             variables, images, train=True, rngs={"dropout": rng}, mutable=["batch_stats"] if batch_stats else []
         )
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
@@ -84,36 +84,78 @@ def _loss_and_grads(state: TrainState, params: Any, batch_stats: Any, images, la
     return loss, logits, new_stats, grads
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], accum_steps: int = 1) -> tuple[TrainState, TrainMetrics]:
+def _gradients(apply_fn, params: Any, batch_stats: Any, images, labels, rng, accum_steps: int):
+    """Loss, logits, new BN statistics and the gradient of a batch, averaged over ``accum_steps`` micro-batches."""
+    if accum_steps == 1:
+        return _loss_and_grads(apply_fn, params, batch_stats, images, labels, rng)
+
+    # Example i of micro-batch m is batch[i * accum + m]: each device keeps its own examples.
+    def split(x):
+        return jnp.moveaxis(x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]), 1, 0)
+
+    def micro(carry, xs):
+        grads_sum, stats = carry
+        step_images, step_labels, m = xs
+        loss, logits, stats, grads = _loss_and_grads(
+            apply_fn, params, stats, step_images, step_labels, jax.random.fold_in(rng, m)
+        )
+        return (jax.tree_util.tree_map(jnp.add, grads_sum, grads), stats), (loss, logits)
+
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    (grads, new_stats), (losses, logits) = jax.lax.scan(
+        micro, (zeros, batch_stats), (split(images), split(labels), jnp.arange(accum_steps))
+    )
+    grads = jax.tree_util.tree_map(lambda g: g / accum_steps, grads)
+    return losses.mean(), logits.swapaxes(0, 1).reshape(labels.shape[0], -1), new_stats, grads
+
+
+def _gradients_reduced_in_float32(mesh: jax.sharding.Mesh, apply_fn, params, batch_stats, images, labels, rng, accum):
+    """``_gradients`` with each device's gradient of its share of the batch summed over the data axis in float32.
+
+    Under jit alone, XLA's partitioner all-reduces a weight gradient where the convolution or matmul that
+    makes it ends: in bfloat16 when the model computes in bfloat16. Here each device computes the gradient of
+    its own examples (shard_map, manual over ``data``; the ``model`` axis stays automatic), in float32 as the
+    parameters are, and the mean over devices is a float32 ``pmean``. Dropout draws from the step's key folded
+    with the device.
+    """
+    data = sharding.DATA
+
+    def local(params, batch_stats, images, labels, rng):
+        rng = jax.random.fold_in(rng, jax.lax.axis_index(data))
+        # Differentiate with respect to this device's copy: otherwise JAX sums the gradient of a replicated
+        # input over the devices itself, in the gradient's own type (bfloat16).
+        params = jax.lax.pcast(params, data, to="varying")
+        loss, logits, new_stats, grads = _gradients(apply_fn, params, batch_stats, images, labels, rng, accum)
+        # The gradient of the float32 parameters is float32 (each layer's ends in a cast from its compute type).
+        grads = jax.tree_util.tree_map(lambda g: jax.lax.pmean(g, data), grads)
+        return jax.lax.pmean(loss, data), logits, jax.lax.pmean(new_stats, data), grads
+
+    P = jax.sharding.PartitionSpec
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(P(), P(), P(data), P(data), P()),
+        out_specs=(P(), P(data), P(), P()),
+        axis_names={data},
+    )(params, batch_stats, images, labels, rng)
+
+
+def train_step(
+    state: TrainState, batch: dict[str, jax.Array], accum_steps: int = 1, float32_reduce_mesh: Any = None
+) -> tuple[TrainState, TrainMetrics]:
     """One SGD step on a global batch, the gradient averaged over ``accum_steps`` micro-batches.
 
-    A step whose loss or gradient is not finite leaves the state unchanged; ``metrics.finite`` is
-    then 0 and the training loop stops with an error naming the step.
+    ``float32_reduce_mesh``: the run's mesh, to all-reduce the gradients in float32 (``mesh.grad_reduce_dtype``;
+    ``_gradients_reduced_in_float32``). A step whose loss or gradient is not finite leaves the state unchanged;
+    ``metrics.finite`` is then 0 and the training loop stops with an error naming the step.
     """
     rng = jax.random.fold_in(state.dropout_rng, state.step)
-    images, labels = batch["image"], batch["label"]
-    if accum_steps == 1:
-        loss, logits, new_stats, grads = _loss_and_grads(state, state.params, state.batch_stats, images, labels, rng)
+    args = (state.apply_fn, state.params, state.batch_stats, batch["image"], batch["label"], rng, accum_steps)
+    if float32_reduce_mesh is None:
+        loss, logits, new_stats, grads = _gradients(*args)
     else:
-        # Example i of micro-batch m is batch[i * accum + m]: each device keeps its own examples.
-        def split(x):
-            return jnp.moveaxis(x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]), 1, 0)
-
-        def micro(carry, xs):
-            grads_sum, stats = carry
-            step_images, step_labels, m = xs
-            loss, logits, stats, grads = _loss_and_grads(
-                state, state.params, stats, step_images, step_labels, jax.random.fold_in(rng, m)
-            )
-            return (jax.tree_util.tree_map(jnp.add, grads_sum, grads), stats), (loss, logits)
-
-        zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
-        (grads, new_stats), (losses, logits) = jax.lax.scan(
-            micro, (zeros, state.batch_stats), (split(images), split(labels), jnp.arange(accum_steps))
-        )
-        grads = jax.tree_util.tree_map(lambda g: g / accum_steps, grads)
-        loss = losses.mean()
-        logits = jnp.moveaxis(logits, 0, 1).reshape(labels.shape[0], -1)
+        loss, logits, new_stats, grads = _gradients_reduced_in_float32(float32_reduce_mesh, *args)
+    labels = batch["label"]
 
     finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
     # A branch, not where(finite, new, old): no extra pass over the parameters and momentum.
@@ -150,12 +192,14 @@ def compiler_options(platform: str | None = None) -> dict[str, str] | None:
     return {k: v for k, v in CPU_COMPILER_OPTIONS.items() if k not in flags} or None
 
 
-def jit_train_step(state_shardings: Any, batch_sharding: Any, accum_steps: int = 1):
+def jit_train_step(state_shardings: Any, batch_sharding: Any, accum_steps: int = 1, reduce_dtype: str = "compute"):
     """``train_step`` under jit: state and batch placed by the given shardings, state donated; compiled for
-    the platform of the batch's devices (a TPU topology's too, on a machine without one)."""
+    the platform of the batch's devices (a TPU topology's too, on a machine without one). ``reduce_dtype``:
+    ``mesh.grad_reduce_dtype``, 'float32' to all-reduce the gradients in float32."""
     platform = next(iter(batch_sharding.device_set)).platform
+    mesh = batch_sharding.mesh if reduce_dtype == "float32" else None
     return jax.jit(
-        functools.partial(train_step, accum_steps=accum_steps),
+        functools.partial(train_step, accum_steps=accum_steps, float32_reduce_mesh=mesh),
         in_shardings=(state_shardings, batch_sharding),
         out_shardings=(state_shardings, None),
         donate_argnums=0,

@@ -91,6 +91,22 @@ MUTANTS = [
     ),
     Mutant("same_dropout_mask_every_micro_batch", T, "jax.random.fold_in(rng, m)", "rng", STEP),
     Mutant("accumulated_gradient_not_averaged", T, "g / accum_steps", "g", STEP),
+    # mesh.grad_reduce_dtype=float32: without the per-device copy JAX sums the gradients itself, in bfloat16
+    Mutant(
+        "float32_reduction_sums_in_bfloat16_first",
+        T,
+        'params = jax.lax.pcast(params, data, to="varying")',
+        "pass",
+        ("tests/test_preflight.py", "-k", "float32_gradient"),
+    ),
+    # the preflight: a line per compile as it happens; XLA:GPU's shard_map all-reduces share one channel
+    Mutant(
+        "preflight_output_block_buffered",
+        "vgg_jax/preflight.py",
+        "config.global_batch_size)]\n    print(results[-1].line(usable), flush=True)",
+        "config.global_batch_size)]\n    print(results[-1].line(usable))",
+        ("tests/test_preflight.py", "-k", "progress"),
+    ),
     Mutant(
         "finite_guard_ignores_gradient",
         T,
