@@ -33,6 +33,7 @@ LAYERS = {
     "vgg_jax.classifier": 3,
     "vgg_jax.convert": 3,
     "vgg_jax.evaluate": 4,
+    "vgg_jax.predict": 4,
     "vgg_jax.zoo": 4,
     "vgg_jax.train": 5,
     "vgg_jax.bench": 5,

@@ -13,11 +13,15 @@ import functools
 import hashlib
 import os
 import re
+import sys
 import tarfile
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import tensorflow_datasets as tfds
+from absl import logging
+from tensorflow_datasets.core.utils import tqdm_utils
 from tensorflow_datasets.datasets.imagenet2012 import imagenet2012_dataset_builder as imagenet_builder
 from tensorflow_datasets.datasets.imagenet2012 import imagenet_common
 
@@ -127,11 +131,20 @@ def _lock(data_dir: str) -> Iterator[None]:
 
 
 def _prepare(builder: tfds.core.DatasetBuilder, **kwargs: Any) -> None:
+    """Prepares the dataset once (TFDS), logging its start and end. TFDS's progress bars only go to a terminal:
+    in a log file they are escape codes."""
     if builder.is_prepared():
         return
     with _lock(builder.data_dir_root):
         if not builder.is_prepared():  # another process may have finished while we waited
-            builder.download_and_prepare(**kwargs)
+            logging.info("Preparing %s in %s (first use; done once)", builder.name, builder.data_dir)
+            started, bars = time.time(), tqdm_utils._active  # noqa: SLF001 (TFDS keeps the switch there)
+            tfds.display_progress_bar(bars and sys.stderr.isatty())
+            try:
+                builder.download_and_prepare(**kwargs)
+            finally:
+                tfds.display_progress_bar(bars)
+            logging.info("Prepared %s in %.0f s", builder.name, time.time() - started)
 
 
 # ----------------------------------------------------------------------------------------------
