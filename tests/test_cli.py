@@ -4,6 +4,7 @@ shows the traceback; program errors keep theirs (vgg_jax/cli.py)."""
 from __future__ import annotations
 
 import os
+import select
 import subprocess
 import sys
 
@@ -137,10 +138,14 @@ def test_printed_lines_reach_a_redirected_output_as_they_are_printed():
         [sys.executable, "-c", code], cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
     try:
-        assert proc.stdout.readline() == "header\n"  # blocks (and times the test out) if the line is held back
-        assert proc.poll() is None, "the line came only because the program ended"
+        # Held back, the line would come only at exit, and the child exits only once it is answered: wait for it
+        # (select: a hang guard far above the seconds the child needs to start, not a speed requirement).
+        ready, _, _ = select.select([proc.stdout], [], [], 300)
+        assert ready, "no line while the program runs: its output is buffered"
+        assert proc.stdout.readline() == "header\n"
+        assert proc.poll() is None
     finally:
-        proc.communicate("go\n", timeout=60)
+        proc.communicate("go\n", timeout=300)
 
 
 def test_libraries_info_lines_are_dropped_ours_and_every_warning_kept():

@@ -362,7 +362,9 @@ def test_reduced_runs_are_named_by_the_scale_they_train_at():
 
 
 def test_status_tells_a_just_started_run_from_one_not_started(tmp_path):
-    job = dict(kind="train", path=str(tmp_path / "run"), facts=dict(num_train_steps=10, global_batch_size=8))
+    job = dict(
+        name="run", kind="train", path=str(tmp_path / "run"), facts=dict(num_train_steps=10, global_batch_size=8)
+    )
     assert status.describe(job) == "not started"
     (tmp_path / "run").mkdir()  # the first thing a run does
     assert status.describe(job) == "started, no checkpoint yet"
@@ -941,7 +943,8 @@ def test_tpu_dry_run_shows_what_every_worker_runs_where_it_logs_and_how_to_stop_
         "pid ~/vgg_jax_jobs/paper-D-256-tpu/pid"
     )
     stop = lines[i + 3].removeprefix("#   stop: ")
-    assert stop.startswith("gcloud compute tpus tpu-vm ssh pod --worker=all") and "jobs/paper-D-256-tpu.sh stop" in stop
+    assert shlex.split(stop)[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "pod"] and "--worker=all" in stop
+    assert "bash jobs/paper-D-256-tpu.sh stop" in stop
     # The scripts folder: <sweep name>-tpu, the mode not repeated for a single run of a tpu config.
     assert f"would go to {Path('paper-D-256-tpu').resolve()}" in out
     assert launch.default_scripts_dir("paper", "gs://b/r", "tpu") == "paper-tpu"
