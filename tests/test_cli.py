@@ -175,7 +175,8 @@ def test_libraries_info_lines_are_dropped_ours_and_every_warning_kept():
 
 def test_entry_points_import_no_tensorflow_before_their_quiet_start():
     """cli.run imports TensorFlow under a filter of its C++ banner; a module that imported it at import time
-    (evaluate through clu, data.stats) printed the banner, twice, before that: `evaluate --help` did."""
+    (evaluate through clu, data.stats) printed the banner, twice, before that: `evaluate --help` did. The library's
+    own first import (vgg_jax.load(...).predict in a script or notebook) is quiet too."""
     modules = [
         "vgg_jax.main",
         "vgg_jax.evaluate",
@@ -191,7 +192,9 @@ def test_entry_points_import_no_tensorflow_before_their_quiet_start():
     ]
     code = (
         f"import importlib, sys\nfor m in {modules!r}:\n"
-        "    importlib.import_module(m)\n    assert 'tensorflow' not in sys.modules, m"
+        "    importlib.import_module(m)\n    assert 'tensorflow' not in sys.modules, m\n"
+        # What vgg_jax.load(...).predict uses on first need: TensorFlow without its banner, no set-up call.
+        "from vgg_jax import cli\nassert cli.import_tensorflow().__name__ == 'tensorflow'"
     )
     proc = run_cli("-c", code, env_extra={"JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -974,12 +974,18 @@ def test_stopping_the_local_launcher_stops_its_job_which_checkpoints(tmp_path, d
         time.sleep(0.5)
     launcher.send_signal(signal.SIGTERM)
     out, _ = launcher.communicate(timeout=300)
+    start = next(e for e in events(root) if e["event"] == "start")
+    try:
+        os.kill(start["pid"], 0)
+        orphaned = True
+        os.kill(start["pid"], signal.SIGKILL)  # a failing test leaves no training behind
+    except ProcessLookupError:
+        orphaned = False
+    assert not orphaned, "the job outlived its launcher"
     assert launcher.returncode == 128 + signal.SIGTERM, out
     assert "long: stopped by SIGTERM" in out and "rerun the same command to resume" in out
-    start, stopped = [e for e in events(root) if e["event"] in ("start", "stopped")]
+    stopped = next(e for e in events(root) if e["event"] == "stopped")
     assert stopped["signal"] == "SIGTERM" and stopped["exit_code"] == 0
-    with pytest.raises(ProcessLookupError):
-        os.kill(start["pid"], 0)  # the job is gone, not orphaned
     summary = json.loads((root / "long" / "results.json").read_text())
     assert 0 < summary["step"] < 100000
     assert (root / "long" / "checkpoints" / str(summary["step"])).is_dir()  # saved at the step it stopped
