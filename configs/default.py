@@ -56,7 +56,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.optimizer.min_delta = 0.0
     config.optimizer.max_decreases = 3
     config.optimizer.step_boundaries = [185_000, 277_500, 333_000]
-    config.optimizer.warmup_steps = 0
+    config.optimizer.warmup_steps = 0  # linear warm-up from 0 over these steps (step and cosine schedules)
+    # The linear scaling rule (Goyal et al. 2017; timm's --lr-base-size): 0 uses learning_rate as given; N > 0
+    # takes learning_rate as chosen for a global batch of N and trains at learning_rate x global_batch_size / N
+    # (e.g. 256, the paper's batch, when a pod's batch_per_chip makes the global batch larger). Pair it with a
+    # warm-up (warmup_steps, schedule step or cosine), as Goyal et al. do.
+    config.optimizer.lr_base_batch = 0
     # Regex on top-level layer names (conv1_1 ... fc8) of the layers to train; the rest are frozen.
     config.optimizer.trainable = ".*"
 

@@ -11,6 +11,9 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import stats
 
+MIN_SEEDS = 3  # per side, for an interval: with 2 seeds Welch's t interval is ±12.7 standard errors (df = 1)
+SPAN = 100.0  # a difference of two errors in percent lies in [-100, 100]
+
 
 @dataclasses.dataclass(frozen=True)
 class Comparison:
@@ -24,6 +27,7 @@ class Comparison:
     p: float | None
     seeds: tuple[int, int]
     untestable: str = ""  # why there is no test, when p is None
+    cut: bool = False  # the t interval reached past ±SPAN (what a difference of errors can be) and was cut there
 
     @property
     def distinguishable(self) -> bool | None:
@@ -32,13 +36,17 @@ class Comparison:
 
     def sentence(self, what: str = "top-1 error") -> str:
         change = f"{self.second} - {self.first}: {self.difference:+.2f} points of {what}"
+        seeds = f"{self.seeds[0]} vs {self.seeds[1]} seeds"
         if self.p is None:
-            return f"{change} ({self.seeds[0]} vs {self.seeds[1]} seeds: {self.untestable})"
+            return f"{change} ({seeds}: {self.untestable})"
         verdict = "distinguishable from seed noise" if self.distinguishable else "NOT distinguishable from seed noise"
-        return (
-            f"{change}, 95% interval [{self.low:+.2f}, {self.high:+.2f}], Welch p = {self.p:.3f} "
-            f"({self.seeds[0]} vs {self.seeds[1]} seeds): {verdict}"
-        )
+        if self.low is None:
+            interval = f"too few seeds for an interval (run --seeds={MIN_SEEDS} or more)"
+        else:
+            interval = f"95% interval [{self.low:+.2f}, {self.high:+.2f}]" + (
+                f" (cut at ±{SPAN:.0f}, the range a difference of errors can span)" if self.cut else ""
+            )
+        return f"{change}, {interval}, Welch p = {self.p:.3f} ({seeds}): {verdict}"
 
 
 def welch(first: str, a: Sequence[float], second: str, b: Sequence[float]) -> Comparison:
@@ -52,5 +60,9 @@ def welch(first: str, a: Sequence[float], second: str, b: Sequence[float]) -> Co
         why = "every seed gave the same error on both sides, so the seed noise is unmeasured; evaluate more images"
         return Comparison(first, second, difference, None, None, None, seeds, why)
     result = stats.ttest_ind(b, a, equal_var=False)
+    if min(seeds) < MIN_SEEDS:
+        return Comparison(first, second, difference, None, None, float(result.pvalue), seeds)
     interval = result.confidence_interval(0.95)
-    return Comparison(first, second, difference, float(interval.low), float(interval.high), float(result.pvalue), seeds)
+    low, high = max(float(interval.low), -SPAN), min(float(interval.high), SPAN)
+    cut = (low, high) != (float(interval.low), float(interval.high))
+    return Comparison(first, second, difference, low, high, float(result.pvalue), seeds, cut=cut)

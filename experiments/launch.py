@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import types
 from collections.abc import Callable, Sequence
@@ -64,14 +66,30 @@ def run_local(jobs: Sequence[Job], root: str, *, dry_run: bool = False, echo: Ca
         log = local_logs / f"{job.name}.log"
         if local_logs != logs and (logs / log.name).exists():  # the job's earlier log, to append to
             log.write_bytes((logs / log.name).read_bytes())
-        record(job, "start", command=job.command())
         started = time.time()
         with log.open("a") as f:  # a local file: the job's output goes straight to it
-            proc = subprocess.Popen([sys.executable, *job.args], cwd=sweeps.REPO, stdout=f, stderr=subprocess.STDOUT)
-            code = _wait_reporting(proc, log, echo, prefix)
+            # Its own session: a Ctrl-C at the terminal reaches the launcher only, which forwards it as SIGTERM.
+            proc = subprocess.Popen(
+                [sys.executable, *job.args],
+                cwd=sweeps.REPO,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            record(job, "start", command=job.command(), pid=proc.pid, log=str(logs / log.name))
+            with ForwardSignals(proc) as forwarded:
+                code = _wait_reporting(proc, log, echo, prefix)
         if local_logs != logs:
             (logs / log.name).write_bytes(log.read_bytes())
         seconds = round(time.time() - started, 1)
+        if forwarded.signal:
+            name = signal.Signals(forwarded.signal).name
+            record(job, "stopped", seconds=seconds, exit_code=code, signal=name)
+            echo(
+                f"{prefix}: stopped by {name} (passed on as SIGTERM: a training run saves a checkpoint first; exit "
+                f"code {code}); rerun the same command to resume."
+            )
+            raise SystemExit(128 + forwarded.signal)
         if code != 0 or not is_done(job):
             record(job, "failed", seconds=seconds, exit_code=code)
             tail = "".join(log.read_text().splitlines(keepends=True)[-25:])
@@ -82,6 +100,29 @@ def run_local(jobs: Sequence[Job], root: str, *, dry_run: bool = False, echo: Ca
             )
         record(job, "done", seconds=seconds)
         echo(f"{prefix}: done in {seconds:.0f} s")
+
+
+class ForwardSignals:
+    """While a job runs, SIGTERM and SIGINT sent to the launcher are passed on to the job as SIGTERM (which a
+    training run answers by saving a checkpoint and exiting), as torch.distributed.run forwards signals to its
+    workers; the launcher then waits for the job and stops. Only in the main thread (where signals are handled)."""
+
+    def __init__(self, proc: subprocess.Popen) -> None:
+        self.proc, self.signal, self.previous = proc, 0, {}
+
+    def _handler(self, signum: int, frame) -> None:
+        self.signal = signum
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def __enter__(self) -> ForwardSignals:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handler) for s in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def define_flags(values: flags.FlagValues, argv: list[str]) -> None:
@@ -122,6 +163,13 @@ def define_flags(values: flags.FlagValues, argv: list[str]) -> None:
         "skip_preflight",
         False,
         "tpu/slurm: do not compile each job for the slice or GPUs first (vgg_jax.preflight) to see that it fits.",
+        flag_values=values,
+    )
+    flags.DEFINE_bool(
+        "stop",
+        False,
+        "tpu: stop the sweep's jobs (those of --only) on every worker with SIGTERM (a training run saves a "
+        "checkpoint first; rerunning run_all.sh resumes). With --dry_run, print the commands.",
         flag_values=values,
     )
     string(
@@ -201,8 +249,14 @@ def parse_args(argv: Sequence[str] | None) -> tuple[types.SimpleNamespace, list[
         cli.fail("--platform picks a configs/paper.py variant; with --base_config set --config.model.dtype instead.")
     if args.mode == "tpu" and not (args.tpu and args.zone):
         cli.fail("--mode=tpu needs --tpu=NAME and --zone=ZONE.")
+    if args.stop and args.mode != "tpu":
+        cli.fail(
+            "--stop is for --mode=tpu. A local sweep stops when its launcher gets SIGTERM or Ctrl-C (the running "
+            "job checkpoints first); a SLURM job with scancel --signal=TERM JOBID."
+        )
     if (
         args.mode != "local"
+        and not args.stop
         and not args.skip_preflight
         and not (args.gpu if args.mode == "slurm" else args.accelerator_type)
     ):
@@ -259,6 +313,9 @@ def launch(args: types.SimpleNamespace, overrides: Sequence[str]) -> None:
     remote = "://" in root
     root = str(storage.path(root))
     jobs = plan(sweep, root, distributed=args.mode != "local")
+    if args.stop:
+        stop_tpu(args, jobs)
+        return
     print(f"Sweep {sweep.name!r}: {len(jobs)} jobs under {root}")
     if args.mode == "local":
         if not args.dry_run:
@@ -282,7 +339,7 @@ def launch(args: types.SimpleNamespace, overrides: Sequence[str]) -> None:
         write_manifest(sweep, jobs, root)
     if args.mode == "tpu" and not remote:
         print("Note: the workers of a pod share no disk; use a gs:// --root unless the TPU VM is a single host.")
-    scripts = Path(args.scripts_dir or (f"{sweep.name}-{args.mode}" if remote else f"{root}/{args.mode}")).resolve()
+    scripts = Path(args.scripts_dir or default_scripts_dir(sweep.name, root, args.mode)).resolve()
     if args.mode == "tpu":
         write_tpu(args, todo, scripts)
     else:
@@ -339,6 +396,14 @@ def preflight_jobs(args: types.SimpleNamespace, jobs: Sequence[Job]) -> None:
     print(f"preflight: {len(shapes)} job shape(s) fit on {topology}", flush=True)
 
 
+def default_scripts_dir(sweep: str, root: str, mode: str) -> str:
+    """``<root>/<mode>`` for a local root; ``<sweep>-<mode>`` here for a bucket (``paper-tpu``; a single run of
+    ``configs/paper.py:D,256,tpu`` gives ``paper-D-256-tpu``, the mode not repeated)."""
+    if "://" not in root:
+        return f"{root}/{mode}"
+    return sweep if sweep.endswith(f"-{mode}") else f"{sweep}-{mode}"
+
+
 def _finished(job: Job) -> bool:
     """Whether a job finished; False (with a note) when its directory cannot be read from here."""
     try:
@@ -348,8 +413,8 @@ def _finished(job: Job) -> bool:
         return False
 
 
-def write_tpu(args: types.SimpleNamespace, jobs: Sequence[Job], scripts: Path) -> None:
-    opts = tpu.TpuOptions(
+def tpu_options(args: types.SimpleNamespace) -> tpu.TpuOptions:
+    return tpu.TpuOptions(
         args.tpu,
         args.zone,
         args.project,
@@ -364,6 +429,22 @@ def write_tpu(args: types.SimpleNamespace, jobs: Sequence[Job], scripts: Path) -
         args.runtime_version,
         args.poll_seconds,
     )
+
+
+def stop_tpu(args: types.SimpleNamespace, jobs: Sequence[Job]) -> None:
+    """Stops the jobs on every worker (SIGTERM; a job that is not running is left alone)."""
+    lines = [tpu.stop_command(job, tpu_options(args)) for job in jobs]
+    print("\n".join(lines))
+    if args.dry_run:
+        return
+    if shutil.which("gcloud") is None:
+        raise SystemExit("`gcloud` is not on PATH here: run the lines above where it is.")
+    for line in lines:
+        subprocess.run(line, shell=True, check=True)
+
+
+def write_tpu(args: types.SimpleNamespace, jobs: Sequence[Job], scripts: Path) -> None:
+    opts = tpu_options(args)
     if args.dry_run:
         print("\n".join(tpu.commands(jobs, opts)))
         print(f"(dry run: nothing written; run_all.sh and {tpu.BUNDLE} would go to {scripts})")

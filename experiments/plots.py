@@ -22,6 +22,16 @@ from experiments.sweeps import SCALES  # noqa: E402
 
 COLOURS = {"256": "tab:blue", "384": "tab:orange", "256-512": "tab:green"}
 METRICS = (("top1", "top-1"), ("top5", "top-5"))
+ERROR_RANGE = (0.0, 100.0)  # every error axis shows the whole range: a zoomed axis magnifies seed noise
+
+
+def spread_note(points: Sequence[Point]) -> str:
+    """What a figure's markers and whiskers are, for its title."""
+    seeds = sorted({len(p.top1) for p in points})
+    if seeds == [1]:
+        return "one seed per configuration: its error, no whiskers"
+    counts = str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}-{seeds[-1]}"
+    return f"mean of {counts} seeds; whiskers: ±1 standard deviation over seeds; dots: each seed"
 
 
 class Point(NamedTuple):
@@ -48,7 +58,8 @@ def png(fig: Figure) -> bytes:
 
 
 def training_curves(name: str, scalars: Scalars, data: str = "") -> Figure | None:
-    """Loss, top-1 error (training batches and validation) and learning rate against the step."""
+    """Loss, top-1 error (training batches and validation) and learning rate against the step, of one run
+    (``data``: what it trained on, its S, seed, model size and steps)."""
     if "train/loss" not in scalars:
         return None
     fig, (loss_ax, err_ax, lr_ax) = plt.subplots(1, 3, figsize=(13, 3.6))
@@ -61,6 +72,7 @@ def training_curves(name: str, scalars: Scalars, data: str = "") -> Figure | Non
     for tag in sorted(t for t in scalars if t.startswith("eval/top1_error@")):
         steps, values = zip(*scalars[tag])
         err_ax.plot(steps, values, "o-", label=f"validation, Q = {tag.split('@')[1]}")
+    err_ax.set_ylim(*ERROR_RANGE)
     err_ax.set(title="top-1 error", xlabel="step", ylabel="%")
     err_ax.legend(fontsize=8)
     if "train/learning_rate" in scalars:
@@ -76,7 +88,13 @@ def training_curves(name: str, scalars: Scalars, data: str = "") -> Figure | Non
     return fig
 
 
-def _mean_and_spread(ax: plt.Axes, x: float, values: np.ndarray, colour: str, marker: str = "o") -> None:
+def _title(what: str, data: str, points: Sequence[Point]) -> str:
+    return f"{what}: {data}\n{spread_note(points)}" if data else f"{what}\n{spread_note(points)}"
+
+
+def _mean_and_spread(
+    ax: plt.Axes, x: float, values: np.ndarray, colour: str, marker: str = "o", label: str | None = None
+) -> None:
     """A mean with a one-standard-deviation bar and every seed's value as a dot."""
     ax.errorbar(
         x,
@@ -86,6 +104,7 @@ def _mean_and_spread(ax: plt.Axes, x: float, values: np.ndarray, colour: str, ma
         color=colour,
         capsize=4,
         markersize=7,
+        label=label,
     )
     ax.scatter(np.full(len(values), x) + np.linspace(-0.08, 0.08, len(values)), values, s=12, color=colour, alpha=0.5)
 
@@ -95,18 +114,20 @@ def _published_panel(ax: plt.Axes, points: Sequence[Point], x_of: dict[str, int]
     for scale in (s for s in SCALES if any(p.scale == s for p in points)):
         ref = sorted((p for p in points if p.scale == scale), key=lambda p: x_of[p.net])
         x = [x_of[p.net] for p in ref]
-        ax.plot(x, [p.paper_top1 for p in ref], "^-", color=COLOURS[scale], label=f"top-1, S = {scale}")
-        ax.plot(x, [p.paper_top5 for p in ref], "v--", color=COLOURS[scale], markerfacecolor="none", label="top-5")
+        ax.plot(x, [p.paper_top1 for p in ref], "^", color=COLOURS[scale], label=f"top-1, S = {scale}")
+        ax.plot(x, [p.paper_top5 for p in ref], "v", color=COLOURS[scale], markerfacecolor="none", label="top-5")
     ax.set_xticks(range(len(ticks)), list(ticks))
+    ax.set_ylim(*ERROR_RANGE)
     ax.set(title="published (paper, ImageNet validation):\nreference only, other data", ylabel="error (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
 
 
 def error_vs_depth(points: Sequence[Point], data: str = "", paper_on_same_axes: bool = False) -> Figure | None:
-    """Error per configuration in order of depth (A, B, C, D, E), one line per training scale: every seed's
-    value, their mean and one standard deviation. The paper's numbers share the axes only when the runs are
-    on its data (ImageNet); otherwise they get their own panel.
+    """Error per configuration in order of depth (A, B, C, D, E), one colour per training scale: every seed's
+    value, their mean and one standard deviation, on the whole 0-100% axis. The means are not joined by lines
+    (configurations are separate measurements, not a curve). The paper's numbers share the axes only when the
+    runs are on its data (ImageNet); otherwise they get their own panel.
 
     C and D both have 16 weight layers (C's last conv of blocks 3-5 is 1x1), so the x axis is the
     configuration with its depth in the tick label.
@@ -125,26 +146,20 @@ def error_vs_depth(points: Sequence[Point], data: str = "", paper_on_same_axes: 
         for scale in (s for s in SCALES if any(p.scale == s for p in points)):
             mine = sorted((p for p in points if p.scale == scale), key=lambda p: x_of[p.net])
             colour = COLOURS[scale]
-            ax.plot(
-                [x_of[p.net] for p in mine],
-                [p.values(metric).mean() for p in mine],
-                "-",
-                color=colour,
-                label=mine[0].s_label or scale,
-            )
-            for p in mine:
-                _mean_and_spread(ax, x_of[p.net], p.values(metric), colour)
+            for i, p in enumerate(mine):
+                _mean_and_spread(ax, x_of[p.net], p.values(metric), colour, label=None if i else p.s_label or scale)
             if paper_on_same_axes:
                 ref = [(x_of[p.net], getattr(p, f"paper_{metric}")) for p in mine if getattr(p, f"paper_{metric}")]
                 if ref:
-                    ax.plot(*zip(*ref), "^--", color=colour, markerfacecolor="none", label=f"paper, {scale}")
+                    ax.plot(*zip(*ref), "^", color=colour, markerfacecolor="none", label=f"paper, {scale}")
         ax.set_xticks(range(len(nets)), ticks)
+        ax.set_ylim(*ERROR_RANGE)
         ax.set(title=f"{name} error vs depth", xlabel="configuration", ylabel="validation error (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     if separate:
         _published_panel(axes[2], published, x_of, ticks)
-    fig.suptitle(f"Error vs depth: {data}" if data else "Error vs depth")
+    fig.suptitle(_title("Error vs depth", data, points))
     fig.tight_layout()
     return fig
 
@@ -169,6 +184,7 @@ def _bar_panel(ax: plt.Axes, groups: Sequence[tuple[str, Point]], colours: Seque
             ax.bar_label(bar, fmt="%.1f", fontsize=7, padding=8)
             ax.scatter(np.full(len(values), x), values, s=12, color="k", zorder=3)
     ax.set_xticks([0, 1], [name for _, name in METRICS])
+    ax.set_ylim(*ERROR_RANGE)
     ax.set(title=title, ylabel="validation error (%)")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
@@ -212,7 +228,7 @@ def lrn(points: Sequence[Point], data: str = "", paper_on_same_axes: bool = Fals
             ["lightsteelblue", "plum"],
             f"published (paper, ImageNet, S = {scale}):\nreference only, other data",
         )
-    fig.suptitle(f"LRN: {data}" if data else "LRN")
+    fig.suptitle(_title("LRN", data, [by[(n, s)] for n in ("A", "A-LRN") for s in scales]))
     fig.tight_layout()
     return fig
 
@@ -235,6 +251,6 @@ def fixed_vs_jittered(points: Sequence[Point], data: str = "", paper_on_same_axe
                     groups.append((f"paper, S = {s}", p._replace(top1=(p.paper_top1,), top5=(p.paper_top5,))))
                     colours.append("lightgrey")
         _bar_panel(ax, groups, colours, f"{net}: fixed vs jittered training scale")
-    fig.suptitle(f"Fixed vs jittered S: {data}" if data else "Fixed vs jittered S")
+    fig.suptitle(_title("Fixed vs jittered S", data, [p for p in points if p.net in nets]))
     fig.tight_layout()
     return fig

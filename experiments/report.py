@@ -59,6 +59,14 @@ def _joined(values) -> str:
     return ", ".join(str(v) for v in dict.fromkeys(values)) or NA
 
 
+PAPER_SIZE = "width 64, fc 4096, crop 224"  # the paper's networks (Table 1): conv1 64 channels, fc6/fc7 4096
+
+
+def model_size(facts: dict) -> str:
+    """'width 8, fc 128, crop 96' of a run (a manifest from before these facts were recorded: '?')."""
+    return f"width {facts.get('width', '?')}, fc {facts.get('fc_width', '?')}, crop {facts.get('crop_size', '?')}"
+
+
 class Data(NamedTuple):
     """What every table and figure of the report was measured on."""
 
@@ -67,19 +75,34 @@ class Data(NamedTuple):
     eval_split: str
     steps: str
     seeds: str  # seeds per configuration, e.g. '3' or '1-3'
+    size: str  # the networks' width, fc width and crop, e.g. 'width 8, fc 128, crop 96'
 
     @property
     def on_imagenet(self) -> bool:
         return self.dataset == IMAGENET
 
+    def sizes(self) -> str:
+        return self.size if self.size == PAPER_SIZE else f"{self.size} (reduced; the paper's: {PAPER_SIZE})"
+
     def line(self) -> str:
         return (
             f"Data: {self.dataset}, trained on `{self.train_split}`, evaluated on `{self.eval_split}`; "
-            f"{self.steps} training steps; {self.seeds} seed(s) per configuration."
+            f"{self.steps} training steps; {self._seeds()} per configuration; networks at {self.sizes()}."
         )
 
     def short(self) -> str:
-        return f"{self.dataset} {self.eval_split}, {self.steps} steps, {self.seeds} seed(s)"
+        return f"{self.dataset} {self.eval_split}, {self.size}, {self.steps} steps, {self._seeds()} each"
+
+    def _seeds(self) -> str:
+        return f"{self.seeds} seed" + ("" if self.seeds == "1" else "s")
+
+    def of_run(self, facts: dict) -> str:
+        """The caption of one run's figure: its S and seed, model size, data and steps (not the sweep's seeds)."""
+        seed = f", seed {facts['seed']}" if "seed" in facts else ""
+        return (
+            f"{_s(facts)}{seed}, {model_size(facts)}, {facts.get('dataset', '?')} {facts.get('eval_split', '?')}, "
+            f"{facts['num_train_steps']} steps"
+        )
 
 
 def describe_data(results: Results) -> Data:
@@ -92,6 +115,7 @@ def describe_data(results: Results) -> Data:
         _joined(f.get("eval_split", "?") for f in facts),
         _joined(f["num_train_steps"] for f in facts),
         seeds,
+        " / ".join(dict.fromkeys(model_size(f) for f in facts)) or NA,
     )
 
 
@@ -375,7 +399,8 @@ def write_report(root: str, out: str | None = None) -> epath.Path:
             "## Comparisons",
             "Each of the paper's comparisons present in the sweep: the change in error (second minus first), "
             "its 95% interval and Welch's t-test over the seeds (scipy.stats.ttest_ind, equal_var=False). "
-            + measure_note,
+            f"No interval below {compare.MIN_SEEDS} seeds per side (too wide to inform); an interval reaching "
+            "past the ±100 points a difference of errors can span is cut there and marked. " + measure_note,
             "\n".join(
                 f"- {what}: {top1}"
                 if top5 is None
@@ -413,11 +438,11 @@ def write_report(root: str, out: str | None = None) -> epath.Path:
         ]
 
     for r in results.runs:
-        save(
-            plots.training_curves(r.name, r.scalars, f"{_s(r.facts)}, {data.short()}"),
-            f"curves_{r.name}.png",
-            f"training curves of {r.name}",
-        )
+        caption = data.of_run(r.facts)
+        fig = plots.training_curves(r.name, r.scalars, caption)
+        if fig is not None:
+            (out_dir / f"curves_{r.name}.png").write_bytes(plots.png(fig))
+            figures.append((f"curves_{r.name}.png", f"training curves of {r.name}; {caption}"))
     how = f" ({compared[0].measured_by})" if compared else ""
     save(plots.error_vs_depth(points, data.short(), same), "error_vs_depth.png", f"error against depth{how}")
     save(plots.lrn(points, data.short(), same), "lrn.png", f"LRN: A against A-LRN{how}")

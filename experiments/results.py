@@ -20,7 +20,7 @@ from experiments.status import Scalars, read_scalars
 class RunResult:
     name: str
     path: str
-    facts: dict[str, Any]  # net, scale, model, scale_min, scale_max, eval_scales, global_batch_size, num_train_steps
+    facts: dict[str, Any]  # net, scale, model, width, fc_width, crop_size, scale_min, scale_max, eval_scales, ...
     summary: dict[str, Any] | None  # results.json
     scalars: Scalars  # TensorBoard tag -> [(step, value)]
 
@@ -92,6 +92,9 @@ def _run_facts(workdir: epath.Path) -> dict[str, Any]:
         net=letters.get(models.canonical_name(config["model"]["name"]), ""),
         scale=str(lo) if lo == hi else f"{lo}-{hi}",
         model=config["model"]["name"],
+        width=int(config["model"].get("width", 64)),
+        fc_width=int(config["model"].get("fc_width", 4096)),
+        crop_size=int(data.get("crop_size", 224)),
         scale_min=lo,
         scale_max=hi,
         eval_scales=[int(q) for q in data["eval_scales"]],

@@ -56,7 +56,7 @@ def read_scalars(workdir: str) -> Scalars:
     files = sorted(epath.Path(workdir).glob("events.out.tfevents.*"), key=lambda p: (int(p.name.split(".")[3]), p.name))
     if not files:
         return {}
-    import tensorflow as tf  # noqa: PLC0415  (slow import, only when there is something to read)
+    tf = cli.import_tensorflow()  # slow, only when there is something to read; without its banner
 
     values: dict[str, dict[int, float]] = {}
     for f in files:
@@ -82,16 +82,17 @@ def progress(workdir: str, steps: int, global_batch: int) -> str:
 
 
 def describe(job: dict, with_progress: bool = False) -> str:
-    """'done', 'step k of N' (with throughput and ETA when asked), 'not started' or 'pending'."""
+    """'done', 'step k of N' (with throughput and ETA when asked), 'started, no checkpoint yet' (a run writes
+    its workdir first), 'not started' or 'pending'."""
     if job["kind"] == "train":
         steps = job["facts"]["num_train_steps"]
         if run_done(job["path"], steps):
             return "done"
         step = max(run_step(job["path"]), checkpoint_step(job["path"]))
-        if not step:
+        if not step and not epath.Path(job["path"]).exists():
             return "not started"
         extra = progress(job["path"], steps, job["facts"]["global_batch_size"]) if with_progress else ""
-        return f"step {step} of {steps}{extra}"
+        return f"step {step} of {steps}{extra}" if step else f"started, no checkpoint yet{extra}"
     return "done" if eval_done(job["path"], job["facts"]["protocol"]) else "pending"
 
 
@@ -101,7 +102,7 @@ def count(jobs: Sequence[dict], states: Sequence[str]) -> str:
     configurations = {re.sub(r"-seed\d+$", "", j["name"]) for j in jobs if j["kind"] == "train"}
     shape = f" ({len(configurations)} configurations, {len(seeds)} seeds)" if len(seeds) > 1 else ""
     done = sum(s == "done" for s in states)
-    running = sum(s.startswith("step ") for s in states)
+    running = sum(s.startswith(("step ", "started")) for s in states)
     return f"{len(jobs)} jobs{shape}: {done} done, {running} started, {len(jobs) - done - running} to do"
 
 
@@ -140,4 +141,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(lambda argv: sys.exit(main(argv)))

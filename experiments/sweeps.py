@@ -238,8 +238,13 @@ def _table3(
     staged: bool,
     tables: Sequence[str],
     overrides: Sequence[str],
+    trained_at: Callable[[str], str] = str,
 ) -> Sweep:
-    """Runs net x scale, each scale initialised from the previous one of the same net (paper Sect. 3.1)."""
+    """Runs net x scale, each scale initialised from the previous one of the same net (paper Sect. 3.1).
+
+    Runs are named ``<net>_<S>`` with the scale they train at (``trained_at`` of the paper's label: ``A_110``
+    for the paper's S = 256 at crop 96); ``Run.scale`` keeps the paper's label, which places them in its tables.
+    """
     _check_choice(nets, NETS, "nets")
     _check_choice(scales, SCALES, "scales")
     if tables:
@@ -254,10 +259,10 @@ def _table3(
             config, extra = run_config(net, scale, bool(previous))
             staged_from = ""
             if staged and net not in ("A", "A-LRN") and not previous:
-                staged_from = f"A_{scales[0]}"
+                staged_from = f"A_{trained_at(scales[0])}"
                 extra = (*extra, "--config.model.init_scheme=paper")  # the rest N(0, init_std^2), as the paper
             run = Run(
-                f"{net}_{scale}",
+                f"{net}_{trained_at(scale)}",
                 config,
                 (*overrides, *extra),
                 init_from=previous,
@@ -333,7 +338,8 @@ def reduced(
     tables: Sequence[str] = TABLES,
     overrides: Sequence[str] = (),
 ) -> Sweep:
-    """The paper's sweep on a smaller base config: S and Q scaled by crop_size / 224, chained runs at lr / 10."""
+    """The paper's sweep on a smaller base config: S and Q scaled by crop_size / 224, chained runs at lr / 10; runs
+    are named by the scale they train at (``A_110``, ``B_110-219`` at crop 96)."""
     from configs.paper import EVAL_SCALE  # noqa: PLC0415  (imported after resolve_config set sys.path)
 
     base = resolve_config(base_config, overrides)
@@ -355,8 +361,19 @@ def reduced(
             extra.append(f"--config.optimizer.learning_rate={lr / 10:g}")
         return base_config, tuple(extra)
 
-    name = f"paper-reduced-{epath.Path(base_config.partition(':')[0]).stem}"
-    return _table3(name, nets, scales, run_config, staged, tables, overrides)
+    def trained_at(scale: str) -> str:
+        return "-".join(str(size(s)) for s in scale.split("-"))
+
+    return _table3(
+        f"paper-reduced-{epath.Path(base_config.partition(':')[0]).stem}",
+        nets,
+        scales,
+        run_config,
+        staged,
+        tables,
+        overrides,
+        trained_at,
+    )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ def data_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def run(tmp_path_factory, data_dir) -> Path:
-    """The workdir of the tiny run, trained with 2 CPU devices in a subprocess."""
+    """The workdir of the tiny run, trained with 2 CPU devices in a subprocess; its log is ``../main.log``."""
     workdir = tmp_path_factory.mktemp("vgg_jax_tiny_run") / "workdir"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={TRAINING_DEVICES}"
@@ -60,6 +60,7 @@ def run(tmp_path_factory, data_dir) -> Path:
     ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    (workdir.parent / "main.log").write_text(proc.stderr)  # its log, as a user's terminal shows it
     return workdir
 
 

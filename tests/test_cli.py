@@ -4,6 +4,7 @@ shows the traceback; program errors keep theirs (vgg_jax/cli.py)."""
 from __future__ import annotations
 
 import os
+import select
 import subprocess
 import sys
 
@@ -135,3 +136,91 @@ def test_an_entry_point_on_a_machine_without_a_tpu_or_gpu_prints_no_plugin_error
     # Nor JAX's CUDA plugin (installed to compile for GPUs), whose start-up fails where there is no GPU.
     assert importlib.util.find_spec("jax_plugins.xla_cuda12") is not None and not cli.has_nvidia_driver()
     assert "plugin configuration error" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_printed_lines_reach_a_redirected_output_as_they_are_printed():
+    """stdout to a pipe or file is block-buffered by Python: a long command's header appeared only at its exit.
+    cli.run line-buffers it: the child's first line arrives while the child is still waiting for its input."""
+    code = "import sys\nfrom vgg_jax import cli\ncli.run(lambda argv: (print('header'), sys.stdin.readline()))"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | {"JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        # Held back, the line would come only at exit, and the child exits only once it is answered: wait for it
+        # (select: a hang guard far above the seconds the child needs to start, not a speed requirement).
+        ready, _, _ = select.select([proc.stdout], [], [], 300)
+        assert ready, "no line while the program runs: its output is buffered"
+        assert proc.stdout.readline() == "header\n"
+        assert proc.poll() is None
+    finally:
+        proc.communicate("go\n", timeout=300)
+
+
+def test_libraries_info_lines_are_dropped_ours_and_every_warning_kept():
+    """Unless --verbose: orbax's (and any installed library's) INFO lines go, this project's and clu's progress
+    lines stay, warnings and errors of everyone stay."""
+    import logging as std_logging
+
+    import clu
+    import orbax.checkpoint
+
+    import experiments
+
+    def record(path: str, level: int, message: str = "x") -> std_logging.LogRecord:
+        return std_logging.LogRecord("absl", level, path, 1, message, None, None)
+
+    orbax_file = os.path.join(os.path.dirname(orbax.checkpoint.__file__), "checkpointer.py")
+    clu_file = os.path.join(os.path.dirname(clu.__file__), "platform", "local.py")
+    ours = [os.path.join(os.path.dirname(cli.__file__), "train.py"), os.path.join(experiments.__path__[0], "launch.py")]
+    quiet, verbose = cli._Quiet(libraries=True), cli._Quiet(libraries=False)
+    assert not quiet.filter(record(orbax_file, std_logging.INFO, "Restoring checkpoint from /w/6/state."))
+    assert verbose.filter(record(orbax_file, std_logging.INFO, "Restoring checkpoint from /w/6/state."))
+    assert quiet.filter(record(orbax_file, std_logging.WARNING))
+    assert quiet.filter(record(clu_file, std_logging.INFO, "Setting work unit notes: 12 steps/s"))
+    assert all(quiet.filter(record(path, std_logging.INFO)) for path in ours)
+    assert quiet.filter(record("/home/me/my_script.py", std_logging.INFO))  # a user's own script keeps its lines
+
+
+def test_entry_points_import_no_tensorflow_before_their_quiet_start():
+    """cli.run imports TensorFlow under a filter of its C++ banner; a module that imported it at import time
+    (evaluate through clu, data.stats) printed the banner, twice, before that: `evaluate --help` did. The library's
+    own first import (vgg_jax.load(...).predict in a script or notebook) is quiet too."""
+    modules = [
+        "vgg_jax.main",
+        "vgg_jax.evaluate",
+        "vgg_jax.predict",
+        "vgg_jax.convert",
+        "vgg_jax.data.stats",
+        "vgg_jax.bench",
+        "vgg_jax.zoo",
+        "experiments.launch",
+        "experiments.status",
+        "experiments.report",
+        "experiments.style_transfer",
+    ]
+    code = (
+        f"import importlib, sys\nfor m in {modules!r}:\n"
+        "    importlib.import_module(m)\n    assert 'tensorflow' not in sys.modules, m\n"
+        # What vgg_jax.load(...).predict uses on first need: TensorFlow without its banner, no set-up call.
+        "from vgg_jax import cli\nassert cli.import_tensorflow().__name__ == 'tensorflow'"
+    )
+    proc = run_cli("-c", code, env_extra={"JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "oneDNN" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_the_training_log_names_its_workdir_compiles_and_saved_checkpoints_without_library_chatter(run):
+    """The session's tiny run (2 devices, 6 steps, checkpoint and evaluation at step 6), as its user sees it."""
+    log = (run.parent / "main.log").read_text()
+    lines = log.splitlines()
+
+    def index(text: str) -> int:
+        return next(i for i, line in enumerate(lines) if text in line)
+
+    assert f"workdir {run} (checkpoints, TensorBoard events, results.json)" in log
+    assert index("step 1: compiling the train step") < index("train step compiled in")
+    assert index(f"saving checkpoint step 6 to {run / 'checkpoints' / '6'}") < index("saved checkpoint step 6")
+    assert index("Evaluating model with center at Q=36") < index("compiled the center step at Q=36")
+    for noise in ("oneDNN", "absl::InitializeLog", "orbax", "checkpointer.py", "Metadata file", "dataset_info"):
+        assert noise not in log, noise

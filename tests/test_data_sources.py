@@ -130,11 +130,20 @@ def _folder(root, classes: dict[str, int], val: dict[str, int] | None = None) ->
     return str(root)
 
 
-def test_folder_dataset_classes_splits_and_refresh(tmp_path):
+def test_folder_dataset_classes_splits_and_refresh(tmp_path, capfd, caplog):
     root = _folder(tmp_path / "pets", {"cat": 3, "dog": 2}, {"cat": 1, "dog": 1})
     cfg = data.default_data_config()
     cfg.dataset, cfg.folder, cfg.data_dir = "folder", root, str(tmp_path / "tfds")
+    capfd.readouterr()
+    caplog.set_level("INFO", logger="absl")
     assert data.class_names(cfg) == ["cat", "dog"]
+    # Prepared once, saying so in two log lines; TFDS's progress bars stay off where stderr is no terminal (a
+    # log file would get their escape codes).
+    err = capfd.readouterr().err
+    assert "examples/s" not in err and "\x1b[A" not in err and "%|" not in err, err[-2000:]
+    logged = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("Preparing vgg_jax_folder in ") for m in logged), logged
+    assert any(m.startswith("Prepared vgg_jax_folder in ") for m in logged), logged
     assert data.num_examples(cfg, "train") == 5 and data.num_examples(cfg, "validation") == 2
     builder = sources.get_source(cfg).builder
     assert builder.name == "vgg_jax_folder" and builder.builder_config.name.startswith("pets_")

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -54,10 +55,10 @@ ABLATION = [
     "--scales=256,256-512",
     "--tables=3",
     "--seeds=2",
-    "--only=A-LRN_256-seed0,A-LRN_256-seed1,B_256-512-seed0,A_256-dense-seed0,A_256-dense-seed1",
+    "--only=A-LRN_37-seed0,A-LRN_37-seed1,B_37-73-seed0,A_37-dense-seed0,A_37-dense-seed1",
 ]
-RUNS = {"A_256-seed0", "A_256-seed1", "A-LRN_256-seed0", "A-LRN_256-seed1", "B_256-seed0", "B_256-512-seed0"}
-ABLATION_JOBS = RUNS | {"A_256-dense-seed0", "A_256-dense-seed1"}
+RUNS = {"A_37-seed0", "A_37-seed1", "A-LRN_37-seed0", "A-LRN_37-seed1", "B_37-seed0", "B_37-73-seed0"}
+ABLATION_JOBS = RUNS | {"A_37-dense-seed0", "A_37-dense-seed1"}
 
 # Paper Table 3 (S = Q = 256), ImageNet: top-1 / top-5 validation error, %.
 PAPER_TABLE3 = {"A": ("29.6", "10.4"), "A-LRN": ("29.7", "10.5"), "B": ("28.7", "9.9")}
@@ -118,13 +119,13 @@ def test_local_mode_runs_dependencies_first(ablation):
     # the scales shrunk by crop / 224 = 32 / 224 (256 -> 37, 512 -> 73, Q = 384 -> 55).
     from vgg_jax import checkpoints
 
-    config = checkpoints.read_meta(ablation / "B_256-512-seed0")["config"]
-    assert config["init_from"] == str(ablation / "B_256-seed0")
+    config = checkpoints.read_meta(ablation / "B_37-73-seed0")["config"]
+    assert config["init_from"] == str(ablation / "B_37-seed0")
     assert config["optimizer"]["learning_rate"] == pytest.approx(0.002)
     assert (config["data"]["scale_min"], config["data"]["scale_max"], config["data"]["eval_scales"]) == (37, 73, [55])
-    assert checkpoints.read_meta(ablation / "A-LRN_256-seed1")["config"]["model"]["name"] == "A-LRN"
+    assert checkpoints.read_meta(ablation / "A-LRN_37-seed1")["config"]["model"]["name"] == "A-LRN"
     # Each seed is its own run: the seed in the name and in the config.
-    assert {checkpoints.read_meta(ablation / name)["config"]["seed"] for name in ("A_256-seed0", "A_256-seed1")} == {
+    assert {checkpoints.read_meta(ablation / name)["config"]["seed"] for name in ("A_37-seed0", "A_37-seed1")} == {
         0,
         1,
     }
@@ -137,22 +138,22 @@ def test_rerunning_the_launcher_skips_finished_jobs(ablation, data_dir, capsys):
     assert {p: p.stat().st_mtime for p in ablation.glob("*/results.json")} == before
     assert status.main([str(ablation)]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == "8 jobs (4 configurations, 2 seeds): 8 done, 0 started, 0 to do"
-    assert status.main([f"--run={ablation / 'B_256-seed0'}", "--steps=4"]) == 0
-    assert status.main([f"--run={ablation / 'B_256-seed0'}", "--steps=5"]) == 1
-    assert status.main([f"--eval={ablation / 'evals' / 'A_256-dense-seed1'}", "--protocol=dense"]) == 0
-    assert status.main([f"--eval={ablation / 'evals' / 'A_256-dense-seed1'}", "--protocol=multicrop"]) == 1
+    assert status.main([f"--run={ablation / 'B_37-seed0'}", "--steps=4"]) == 0
+    assert status.main([f"--run={ablation / 'B_37-seed0'}", "--steps=5"]) == 1
+    assert status.main([f"--eval={ablation / 'evals' / 'A_37-dense-seed1'}", "--protocol=dense"]) == 0
+    assert status.main([f"--eval={ablation / 'evals' / 'A_37-dense-seed1'}", "--protocol=multicrop"]) == 1
 
 
 def _errors(ablation: Path, run: str, dense_if_any: bool = True) -> tuple[float, float]:
     """A run's Table 3 errors from its own files: the dense evaluation's JSON when there is one (and
     ``dense_if_any``), else the centre crop at the end of training, cross-checked against the last
     TensorBoard value."""
-    dense = ablation / "evals" / run.replace("_256-", "_256-dense-")
+    dense = ablation / "evals" / run.replace("_37-", "_37-dense-")
     if dense_if_any and run.startswith("A_") and dense.exists():
         final = json.loads(next(dense.glob("dense_*.json")).read_text())["rows"][-1]
         return final["top1_error"], final["top5_error"]
     summary = json.loads((ablation / run / "results.json").read_text())
-    q = 55 if "256-512" in run else 37  # Q = 384 for jittered S, else Q = S; scaled by 32 / 224
+    q = 55 if "37-73" in run else 37  # Q = 384 for jittered S, else Q = S; scaled by 32 / 224
     last = results.read_scalars(str(ablation / run))[f"eval/top1_error@{q}"][-1]
     assert last[0] == 4 and last[1] == pytest.approx(summary[f"top1_error@{q}"])
     return summary[f"top1_error@{q}"], summary[f"top5_error@{q}"]
@@ -161,11 +162,12 @@ def _errors(ablation: Path, run: str, dense_if_any: bool = True) -> tuple[float,
 def test_report_names_its_data_gives_every_seed_and_keeps_the_paper_apart(ablation):
     text = (ablation / "report" / "report.md").read_text()
     data = "Data: vgg_jax_demo, trained on `train`, evaluated on `validation[:16]`; 4 training steps; "
-    assert data + "1-2 seed(s) per configuration." in text
+    size = "networks at width 4, fc 16, crop 32 (reduced; the paper's: width 64, fc 4096, crop 224)."
+    assert data + "1-2 seeds per configuration; " + size in text
     runs = {row["run"]: row for row in markdown_table(text, "## Runs")}
     assert set(runs) == RUNS and all(r["state"] == "done" and r["steps"] == "4" for r in runs.values())
     assert {name: row["seed"] for name, row in runs.items()} == {name: name[-1] for name in RUNS}
-    assert runs["B_256-512-seed0"]["train S"] == "[37;73]" and runs["A_256-seed1"]["train S"] == "37"
+    assert runs["B_37-73-seed0"]["train S"] == "[37;73]" and runs["A_37-seed1"]["train S"] == "37"
 
     # Table 3 by configuration: mean and sample standard deviation of the seeds' own errors; the
     # paper's ImageNet numbers are not in it (these runs are on other data).
@@ -178,7 +180,7 @@ def test_report_names_its_data_gives_every_seed_and_keeps_the_paper_apart(ablati
     assert (table3[("A", "37")]["test Q"], table3[("B", "[37;73]")]["test Q"]) == ("37", "55")
     per_seed = {}
     for (net, s), row in table3.items():
-        names = sorted(n for n in RUNS if n.startswith(f"{net}_") and ("256-512" in n) == (s != "37"))
+        names = sorted(n for n in RUNS if n.startswith(f"{net}_") and ("37-73" in n) == (s != "37"))
         values = np.array([_errors(ablation, n) for n in names], np.float64)
         per_seed[net, s] = values
         assert row["seeds"] == str(len(names))
@@ -203,13 +205,17 @@ def test_report_names_its_data_gives_every_seed_and_keeps_the_paper_apart(ablati
     lines = [line for line in section.splitlines() if line.startswith("- ")]
     assert [line.split(":")[0] for line in lines] == ["- LRN (S = 37)", "- depth A → B", "- B"]
     assert "11 → 13 layers (S = 37)" in lines[1]
-    a_centre = np.array([_errors(ablation, n, dense_if_any=False) for n in ("A_256-seed0", "A_256-seed1")])
+    a_centre = np.array([_errors(ablation, n, dense_if_any=False) for n in ("A_37-seed0", "A_37-seed1")])
     lrn = compare.welch("A", a_centre[:, 0], "A-LRN", per_seed["A-LRN", "37"][:, 0])
     assert f"{lrn.difference:+.2f} points of top-1 error" in lines[0]
     if lrn.p is None:  # 16 images, 4 steps: both seeds of each may give the same error
         assert "(2 vs 2 seeds: every seed gave the same error on both sides" in lines[0]
     else:
-        assert f"95% interval [{lrn.low:+.2f}, {lrn.high:+.2f}], Welch p = {lrn.p:.3f} (2 vs 2 seeds)" in lines[0]
+        # Two seeds a side: Welch's t interval would be +-12.7 standard errors (df 1), so none is given.
+        assert (
+            lrn.low is None
+            and f"too few seeds for an interval (run --seeds=3 or more), Welch p = {lrn.p:.3f}" in lines[0]
+        )
     assert "(2 vs 1 seeds: too few for an interval" in lines[1]
     assert "(1 vs 1 seeds: too few for an interval" in lines[2]
 
@@ -221,7 +227,12 @@ def test_report_figures_are_valid_images_and_captions_name_the_data(ablation):
     text = (out / "report.md").read_text()
     for name in names:
         caption = next(line for line in text.splitlines() if line.endswith(f"]({name})"))
-        assert "vgg_jax_demo validation[:16], 4 steps, 1-2 seed(s)" in caption, caption
+        if name.startswith("curves_"):  # one run: its own S and seed, not the sweep's seed count
+            seed, s = name[-5], "[37;73]" if "37-73" in name else "37"
+            own = f"S = {s}, seed {seed}, width 4, fc 16, crop 32, vgg_jax_demo validation[:16], 4 steps"
+            assert caption.endswith(f"; {own}]({name})") and "seeds" not in caption, caption
+        else:
+            assert "vgg_jax_demo validation[:16], width 4, fc 16, crop 32, 4 steps, 1-2 seeds each" in caption, caption
         with Image.open(out / name) as image:
             image.verify()
         with Image.open(out / name) as image:
@@ -309,6 +320,60 @@ def test_welch_interval_matches_the_textbook_formula():
     assert tied.p is None and tied.distinguishable is None and "seed noise is unmeasured" in tied.sentence()
 
 
+def test_two_seeds_give_no_interval_and_intervals_stay_within_what_an_error_can_be():
+    """With 2 seeds a side, Welch's t interval spans up to +-12.7 standard errors (t(0.975, 1) = 12.706): from 95.0
+    and 65.0 vs 90.0 and 40.0 it would run from -171 to +141 points of error (scipy). None is given then; a
+    3-seed interval past +-100 (a difference of two errors in percent cannot be) is cut there and says so."""
+    two = compare.welch("A", (95.0, 65.0), "B", (90.0, 40.0))
+    assert two.low is None and two.high is None and two.p is not None and not two.distinguishable
+    assert "too few seeds for an interval (run --seeds=3 or more), Welch p = " in two.sentence()
+    wide = compare.welch("A", (15.0, 42.0, 56.0), "B", (90.0, 16.0, 90.0))  # docs/reproduction.md's B - A
+    assert (wide.low, wide.high) == (pytest.approx(-61.39, abs=0.01), 100.0) and wide.cut  # t's high: +116.7
+    assert "(cut at ±100, the range a difference of errors can span)" in wide.sentence()
+    narrow = compare.welch("A", (50.0, 52.0, 54.0), "B", (60.0, 62.0, 64.0))
+    assert not narrow.cut and "cut at" not in narrow.sentence()
+
+
+def test_figures_state_their_whiskers_span_the_whole_error_range_and_do_not_join_configurations():
+    points = [_point(net, (95.0, 65.0), s_label="S = 110") for net in ("A", "B", "D")]
+    fig = plots.error_vs_depth(points, "vgg_jax_demo validation, width 8, fc 128, crop 96, 600 steps, 2 seeds each")
+    title = fig._suptitle.get_text()
+    assert "width 8, fc 128, crop 96, 600 steps, 2 seeds" in title
+    assert "mean of 2 seeds; whiskers: ±1 standard deviation over seeds; dots: each seed" in title
+    for ax in fig.axes:
+        assert ax.get_ylim() == (0.0, 100.0)  # not zoomed onto the seeds' spread
+        joined = [line for line in ax.get_lines() if line.get_linestyle() != "None" and len(line.get_xdata()) > 1]
+        assert not joined, "configurations joined by a line"
+    bars = plots.lrn([_point("A", (50.0, 60.0)), _point("A-LRN", (55.0, 52.0))], "demo")
+    assert "whiskers: ±1 standard deviation" in bars._suptitle.get_text() and bars.axes[0].get_ylim() == (0.0, 100.0)
+    single = plots.lrn([_point("A", (50.0,)), _point("A-LRN", (55.0,))], "demo")
+    assert "one seed per configuration: its error, no whiskers" in single._suptitle.get_text()
+
+
+def test_reduced_runs_are_named_by_the_scale_they_train_at():
+    """configs/demo.py (crop 96): the paper's S = 256 is S = 110 there, its [256, 512] is [110, 219]."""
+    sweep = sweeps.reduced("configs/demo.py", ["A", "B"], ["256", "256-512"], staged=True, tables=["3"])
+    runs = {r.name: r for r in sweep.runs}
+    assert set(runs) == {"A_110", "A_110-219", "B_110", "B_110-219"}
+    assert runs["B_110"].staged_init_from == "A_110" and runs["B_110-219"].init_from == "B_110"
+    assert (runs["A_110"].scale, runs["A_110-219"].scale) == ("256", "256-512")  # the paper's table row
+    assert "--config.data.scale_min=110" in runs["A_110"].overrides
+    assert [e.name for e in sweep.evals] == [f"{n}-dense" for n in runs]
+    assert {r.name for r in sweeps.paper(["A"], ["256"]).runs} == {"A_256"}  # full size: the paper's own names
+
+
+def test_status_tells_a_just_started_run_from_one_not_started(tmp_path):
+    job = dict(
+        name="run", kind="train", path=str(tmp_path / "run"), facts=dict(num_train_steps=10, global_batch_size=8)
+    )
+    assert status.describe(job) == "not started"
+    (tmp_path / "run").mkdir()  # the first thing a run does
+    assert status.describe(job) == "started, no checkpoint yet"
+    (tmp_path / "run" / "checkpoints" / "4").mkdir(parents=True)
+    assert status.describe(job) == "step 4 of 10"
+    assert status.count([job, job], ["started, no checkpoint yet", "not started"]).endswith("1 started, 1 to do")
+
+
 def test_report_on_imagenet_puts_the_paper_in_the_same_table(tmp_path, monkeypatch):
     """Runs on the paper's data (imagenet2012): paper columns in Table 3, torchvision's table, no separate
     reference section."""
@@ -318,6 +383,9 @@ def test_report_on_imagenet_puts_the_paper_in_the_same_table(tmp_path, monkeypat
             net=net,
             scale="256",
             model={"A": "vgg11", "A-LRN": "A-LRN"}[net],
+            width=64,
+            fc_width=4096,
+            crop_size=224,
             scale_min=256,
             scale_max=256,
             eval_scales=[256],
@@ -335,7 +403,8 @@ def test_report_on_imagenet_puts_the_paper_in_the_same_table(tmp_path, monkeypat
     runs += [run(f"A-LRN_256-seed{k}", "A-LRN", k, 30.5 + k) for k in range(3)]
     monkeypatch.setattr(report, "collect", lambda root: results.Results("imagenet", runs, []))
     text = report.write_report(str(tmp_path), str(tmp_path / "out")).read_text()
-    assert "Data: imagenet2012, trained on `train`, evaluated on `validation`; 370000 training steps; 3 seed(s)" in text
+    data = "Data: imagenet2012, trained on `train`, evaluated on `validation`; 370000 training steps; 3 seeds per "
+    assert data + "configuration; networks at width 64, fc 4096, crop 224." in text  # the paper's size: no "reduced"
     table3 = {row["ConvNet"]: row for row in markdown_table(text, "## Table 3")}
     assert (table3["A"]["top-1 (paper)"], table3["A-LRN"]["top-1 (paper)"]) == ("29.6", "29.7")
     assert table3["A"]["top-1 (mean ± sd)"] == "31.00 ± 1.00"
@@ -351,12 +420,13 @@ def test_report_without_a_manifest_discovers_the_workdirs(ablation):
     found = results.discover(str(ablation))
     assert {r.name for r in found.runs} == RUNS
     by_name = {r.name: r for r in found.runs}
-    facts = by_name["B_256-512-seed0"].facts
+    facts = by_name["B_37-73-seed0"].facts
     assert (facts["net"], facts["scale"], facts["seed"], facts["eval_split"]) == ("B", "37-73", 0, "validation[:16]")
-    assert by_name["A_256-seed1"].facts["seed"] == 1
+    assert (facts["width"], facts["fc_width"], facts["crop_size"]) == (4, 16, 32)
+    assert by_name["A_37-seed1"].facts["seed"] == 1
     assert sorted((e.name, e.facts["table"]) for e in found.evals) == [
-        ("A_256-dense-seed0", "3"),
-        ("A_256-dense-seed1", "3"),
+        ("A_37-dense-seed0", "3"),
+        ("A_37-dense-seed1", "3"),
     ]
 
 
@@ -885,6 +955,103 @@ def test_a_running_tpu_job_is_not_started_twice(tmp_path):
         pass
     assert call("start") == "started"
     os.kill(int((tmp_path / "vgg_jax_jobs" / "slow" / "pid").read_text()), signal.SIGKILL)
+
+
+def test_a_detached_tpu_job_is_stopped_with_sigterm_and_says_so(tmp_path):
+    """`jobs/<job>.sh stop` sends the job itself (the detached shell's child) SIGTERM, which a training run answers
+    by checkpointing; it waits for the job to end and the state then reads `stopped`, until `start` resumes it."""
+    handler = (
+        "import pathlib, signal, sys, time\n"
+        "def stop(*_):\n    pathlib.Path(sys.argv[1]).write_text('checkpointed'); sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, stop)\nprint('running', flush=True)\ntime.sleep(120)"
+    )
+    marker = tmp_path / "marker"
+    job = plan.Job(
+        "run", "train", ("-c", handler, str(marker)), ("-c", "raise SystemExit(1)"), (), str(tmp_path / "w"), {}
+    )
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "jobs" / "run.sh").write_text(tpu.job_script(job, tpu.TpuOptions("pod", "zone", python=sys.executable)))
+    env = dict(os.environ, HOME=str(tmp_path))
+
+    def call(action: str) -> str:
+        return subprocess.run(
+            ["bash", str(tmp_path / "jobs" / "run.sh"), action], env=env, capture_output=True, text=True, timeout=120
+        ).stdout.strip()
+
+    assert call("stop") == "not running"
+    assert call("start") == "started"
+    log = tmp_path / "w" / "logs" / f"{os.uname().nodename}.log"
+    while "running" not in (log.read_text() if log.exists() else ""):  # the handler is installed
+        time.sleep(0.2)
+    assert call("stop") == "stopped (exit code 0)"
+    assert marker.read_text() == "checkpointed"  # the job got SIGTERM, not only its shell
+    assert call("state") == "stopped (start resumes it)"
+    assert call("start") == "started" and call("state") == "running"
+    call("stop")
+
+
+def test_tpu_dry_run_shows_what_every_worker_runs_where_it_logs_and_how_to_stop_it(tmp_path, capsys):
+    args = ["--config=configs/paper.py:D,256,tpu", "--mode=tpu", "--tpu=pod", "--zone=z", "--root=gs://b/runs"]
+    launch.main([*args, "--dry_run"])
+    out = capsys.readouterr().out
+    workdir = "gs://b/runs/paper-D-256-tpu"
+    lines = out.splitlines()
+    i = lines.index("# paper-D-256-tpu: every worker runs, detached (setsid nohup) in ~/vgg_jax:")
+    command = shlex.split(lines[i + 1].lstrip("# "))
+    assert command[:3] == ["python3", "-m", "vgg_jax.main"] and f"--workdir={workdir}" in command
+    assert "--config.distributed.enabled=True" in command
+    assert lines[i + 2] == (
+        f"#   log ~/vgg_jax_jobs/paper-D-256-tpu/<host>.log (copied to {workdir}/logs/<host>.log every minute); "
+        "pid ~/vgg_jax_jobs/paper-D-256-tpu/pid"
+    )
+    stop = lines[i + 3].removeprefix("#   stop: ")
+    assert shlex.split(stop)[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "pod"] and "--worker=all" in stop
+    assert "bash jobs/paper-D-256-tpu.sh stop" in stop
+    # The scripts folder: <sweep name>-tpu, the mode not repeated for a single run of a tpu config.
+    assert f"would go to {Path('paper-D-256-tpu').resolve()}" in out
+    assert launch.default_scripts_dir("paper", "gs://b/r", "tpu") == "paper-tpu"
+    launch.main([*args, "--dry_run", "--stop"])
+    assert capsys.readouterr().out.strip() == stop
+
+
+def test_stopping_the_local_launcher_stops_its_job_which_checkpoints(tmp_path, data_dir):
+    """SIGTERM to `experiments.launch` is passed on to the running `vgg_jax.main`, which saves a checkpoint at its
+    step and exits; the launcher records the stop and exits 143. Before, the launcher died and its job trained on."""
+    root = tmp_path / "runs"
+    overrides = [*TINY, "--config.num_train_steps=100000", "--config.eval_every_steps=100000"]
+    overrides += ["--config.checkpoint.every_steps=100000", f"--config.data.data_dir={data_dir}"]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "experiments.launch", "--config=configs/demo.py", "--name=long", f"--root={root}"]
+        + overrides,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    log = root / "logs" / "long.log"
+    while "train step compiled" not in (log.read_text() if log.exists() else ""):  # training, SIGTERM handled
+        assert launcher.poll() is None, launcher.stdout.read()
+        time.sleep(0.5)
+    launcher.send_signal(signal.SIGTERM)
+    out, _ = launcher.communicate(timeout=300)
+    start = next(e for e in events(root) if e["event"] == "start")
+    try:
+        os.kill(start["pid"], 0)
+        orphaned = True
+        os.kill(start["pid"], signal.SIGKILL)  # a failing test leaves no training behind
+    except ProcessLookupError:
+        orphaned = False
+    assert not orphaned, "the job outlived its launcher"
+    assert launcher.returncode == 128 + signal.SIGTERM, out
+    assert "long: stopped by SIGTERM" in out and "rerun the same command to resume" in out
+    stopped = next(e for e in events(root) if e["event"] == "stopped")
+    assert stopped["signal"] == "SIGTERM" and stopped["exit_code"] == 0
+    summary = json.loads((root / "long" / "results.json").read_text())
+    assert 0 < summary["step"] < 100000
+    assert (root / "long" / "checkpoints" / str(summary["step"])).is_dir()  # saved at the step it stopped
+    assert "SIGTERM received: saving a checkpoint" in log.read_text()
 
 
 def test_read_scalars_keeps_what_precedes_a_half_written_record(tmp_path):

@@ -23,3 +23,12 @@ def test_readme_starts_with_the_two_setup_commands_and_ci_runs_the_test_one():
     assert README.index("```bash") < README.index("## ")
     ci = (REPO / ".ci" / "run").read_text()
     assert "grep -m1 -E '^python3 -m venv .*pytest' README.md" in ci
+
+
+def test_the_demo_timings_say_what_load_they_are_for():
+    """A time on a shared 2-core machine means little without its load: 4-5 minutes 'under load' was 9.3 minutes
+    at load 10-13 for a new user."""
+    paragraph = " ".join(next(p for p in README.split("\n\n") if p.startswith("The first command")).split())
+    times = re.findall(r"([\d.]+(?:-[\d.]+)?) minutes? ([^,;(]*)", paragraph)
+    assert len(times) >= 3, times
+    assert all("idle" in where or re.match(r"at load [\d.]+(-[\d.]+)?\b", where) for _, where in times), times

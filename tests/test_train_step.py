@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -332,6 +333,42 @@ def test_schedules():
     assert float(cosine(2)) == pytest.approx(0.1) and float(cosine(10)) == pytest.approx(0.0, abs=1e-7)
     with pytest.raises(ValueError, match="Unknown schedule 'linear'"):
         optim.learning_rate_schedule(opt_config(schedule="linear"), 10)
+
+
+def test_step_schedule_warms_up_linearly_and_keeps_its_boundaries():
+    """Goyal et al. (2017) Sect. 2.2: a gradual warm-up from 0 to the rate, then the step decays at their steps."""
+    step = optim.learning_rate_schedule(opt_config(schedule="step", step_boundaries=[6], warmup_steps=4), 10)
+    assert [float(step(i)) for i in (0, 1, 2, 4, 5, 6)] == pytest.approx([0.0, 0.025, 0.05, 0.1, 0.1, 0.01])
+
+
+def test_linear_scaling_rule_is_applied_once_where_training_resolves_its_config(caplog):
+    """lr_base_batch=N: the rate was chosen for a global batch of N and scales by global_batch / N (Goyal et al.
+    2017, Sect. 2.1; timm's --lr-base-size); the resolved config stores the scaled rate and no rule, so a resumed
+    run, resolved again, sees no change. 0 keeps the rate; a negative value is refused before anything runs."""
+    from configs import default
+    from vgg_jax import config_checks, train
+    from vgg_jax.errors import ConfigError
+
+    config = default.get_config()
+    config.global_batch_size, config.optimizer.lr_base_batch = 512, 256  # e.g. --batch_per_chip=64 on 8 chips
+    resolved = train.resolve(config)
+    assert resolved.optimizer.learning_rate == pytest.approx(0.02) and resolved.optimizer.lr_base_batch == 0
+    assert train.resolve(resolved).optimizer.learning_rate == pytest.approx(0.02)  # applied once
+    assert any("without a warm-up" in r.getMessage() for r in caplog.records)  # plateau has none
+    assert config_checks.resume_changes(json.loads(resolved.to_json()), train.resolve(config)) == ([], [])
+    config.optimizer.lr_base_batch = 0
+    assert train.resolve(config).optimizer.learning_rate == pytest.approx(0.01)
+    config.optimizer.lr_base_batch = -256
+    with pytest.raises(ConfigError, match="--config.optimizer.lr_base_batch=-256: must be an integer >= 0"):
+        config_checks.validate(config)
+    # What a tool that derives the global batch from the hardware says (preflight's --batch_per_chip).
+    config.optimizer.lr_base_batch = 0
+    note = optim.batch_note(config, 256)
+    assert "global batch 512 instead of the config's 256: the learning rate stays 0.01, chosen for 256" in note
+    assert "--config.optimizer.lr_base_batch=256" in note
+    config.optimizer.lr_base_batch = 256
+    assert "learning rate 0.01 x 512/256 = 0.02" in optim.batch_note(config, 256)
+    assert optim.batch_note(config, 512) is None
 
 
 def test_plateau_divides_by_ten_three_times_at_most():

@@ -7,9 +7,11 @@ docs/training.md#checkpoints
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import json
+import logging as std_logging
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -282,6 +284,7 @@ class Checkpointer:
         )
         handlers = {STATE: StateHandler(), DATA: IteratorStateHandler(), META: MetaHandler()}
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        self._saving: int | None = None  # the step being saved in the background, until it is reported saved
 
     def _take_lease(self) -> storage.Lease | None:
         """Process 0 takes the lease; every process stops with the same error if another run holds it."""
@@ -352,7 +355,8 @@ class Checkpointer:
         self.manager.reload()
 
     def save(self, step: int, state: Any, data_state: Any, meta: dict[str, Any]) -> None:
-        """Starts an (asynchronous) save of everything needed to resume at ``step``."""
+        """Starts an (asynchronous) save of everything needed to resume at ``step``; logs its start, and its
+        end when ``report_saved`` (called every step) or ``wait`` sees it done."""
         if self.lease is not None and self.lease.lost is not None:
             raise CheckpointError(
                 f"Another process took over {self.directory} ({self.lease.lost.get('holder', '?')}) after this run "
@@ -361,7 +365,17 @@ class Checkpointer:
         args = ocp.args.Composite(
             **{STATE: StateSave(state), DATA: IteratorStateSave(data_state), META: MetaSave(meta)}
         )
-        self.manager.save(step, args=args, force=True)
+        logging.info("saving checkpoint step %d to %s", step, self.directory / str(step))
+        self.manager.save(step, args=args, force=True)  # first waits for the previous save
+        self.report_saved()
+        self._saving = step
+        self.report_saved()
+
+    def report_saved(self) -> None:
+        """Logs ``saved checkpoint step N`` once the background save of step N has completed."""
+        if self._saving is not None and not self.manager.is_saving_in_progress():
+            logging.info("saved checkpoint step %d", self._saving)
+            self._saving = None
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[int, Any], dict[str, Any]]:
         """``(state, {process index: iterator state}, meta)``; the state onto ``abstract_state``'s shardings."""
@@ -376,6 +390,7 @@ class Checkpointer:
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
+        self.report_saved()
 
     def close(self) -> None:
         self.manager.close()
@@ -434,8 +449,30 @@ def check_intact(step_dir: epath.Path, *, allow_unverified: bool = False) -> Non
     raise CheckpointError(f"Checkpoint {step_dir} is {what} ({'; '.join(problems[:3])}); {where}.")
 
 
+class _NoStepMetadataNotice(std_logging.Filter):
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return "Metadata file does not exist" not in str(record.msg)
+
+
+@contextlib.contextmanager
+def _item_read_alone():
+    """Reading one item directory by itself, orbax warns that it lacks ``_CHECKPOINT_METADATA``: that file
+    belongs to the step directory above (converted weights have none). Expected, so not shown."""
+    notice, logger = _NoStepMetadataNotice(), std_logging.getLogger("absl")
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
+
+
 def _restore_variables(step_dir: epath.Path) -> dict[str, Any]:
     """``{'params', 'batch_stats'}`` of one step, on this process's first device."""
+    with _item_read_alone():
+        return _restore_item_variables(step_dir)
+
+
+def _restore_item_variables(step_dir: epath.Path) -> dict[str, Any]:
     metadata = ocp.StandardCheckpointer().metadata(step_dir / STATE).item_metadata
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = {

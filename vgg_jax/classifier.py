@@ -15,7 +15,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from vgg_jax import checkpoints, models, preprocessing, storage
+from vgg_jax import checkpoints, cli, models, preprocessing, storage
 from vgg_jax.errors import UserError
 
 ImageBatch = np.ndarray | Sequence[Any] | str | os.PathLike  # [N, H, W, 3] uint8; arrays, PIL images or files
@@ -64,8 +64,7 @@ class Classifier:
     def crops(self, images: ImageBatch) -> np.ndarray:
         """float32 [N, crop, crop, 3] RGB on 0..255, what the model classifies: shorter side -> ``scale``
         (bilinear, antialiased when shrinking), then the centre crop."""
-        import tensorflow as tf
-
+        tf = cli.import_tensorflow()  # without its start-up banner: a notebook needs no set-up
         if self.scale < self.crop_size:
             raise ValueError(f"data.eval_scales[0]={self.scale} < crop_size={self.crop_size}: no centre crop fits.")
         convention, crop = self.convention, self.crop_size

@@ -78,7 +78,11 @@ def parse(
     full = [prog, *args]
     values = flags.FlagValues()
     flags.DEFINE_bool(
-        "verbose", False, "Show the traceback of user errors (or set VGG_JAX_VERBOSE=1).", flag_values=values
+        "verbose",
+        False,
+        "Show the libraries' log lines and start-up messages, and the traceback of user errors (or set "
+        "VGG_JAX_VERBOSE=1).",
+        flag_values=values,
     )
     define(values, full)
     if any(a in _HELP for a in args):
@@ -104,7 +108,28 @@ def verbose(argv: Sequence[str]) -> bool:
 QUIET = (
     ("", "Unable to initialize backend"),  # JAX probing for a TPU / GPU plugin the machine has no chip for
     ("", "Metadata file does not exist"),  # orbax: item checkpoints carry no _CHECKPOINT_METADATA file
+    ("", "has no dataset_info.json"),  # TFDS, about the folder it is about to prepare a dataset in
 )
+
+# Code whose INFO lines are progress a user reads: this project, and clu (metric lines, steps/s and ETA).
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+OURS = (_PACKAGE, os.path.join(os.path.dirname(_PACKAGE), "experiments"))
+PROGRESS_LIBRARIES = ("clu",)
+
+
+def _library_dirs() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(installed-library directories, directories whose INFO lines are kept), with a trailing separator."""
+    import importlib.util  # noqa: PLC0415
+    import site  # noqa: PLC0415
+    import sysconfig  # noqa: PLC0415
+
+    paths = sysconfig.get_paths()
+    libraries = {paths["stdlib"], paths["purelib"], paths["platlib"], *site.getsitepackages()}
+    kept = list(OURS)
+    for name in PROGRESS_LIBRARIES:
+        spec = importlib.util.find_spec(name)
+        kept += list(spec.submodule_search_locations or []) if spec else []
+    return tuple(os.path.join(p, "") for p in libraries), tuple(os.path.join(p, "") for p in kept)
 
 
 # JAX's CUDA plugin installed where no NVIDIA driver is loaded (the [cuda] extra for compiling without a GPU, the
@@ -117,11 +142,20 @@ def has_nvidia_driver() -> bool:
 
 
 class _Quiet(std_logging.Filter):
-    def __init__(self) -> None:
+    """Drops the known-harmless lines of ``QUIET`` and, with ``libraries``, the INFO (and DEBUG) lines of
+    installed libraries (orbax's per-save chatter, TFDS, JAX): what is left is this project's progress, clu's
+    metric and ETA lines, and every warning and error."""
+
+    def __init__(self, libraries: bool = False) -> None:
         super().__init__()
+        self.libraries, self.kept = _library_dirs() if libraries else ((), ())
         self.noise = QUIET + (() if has_nvidia_driver() else NO_GPU_QUIET)
 
     def filter(self, record: std_logging.LogRecord) -> bool:
+        if record.levelno < std_logging.WARNING and self.libraries:
+            path = os.path.abspath(record.pathname)
+            if path.startswith(self.libraries) and not path.startswith(self.kept):
+                return False
         message = record.getMessage() if record.args else str(record.msg)
         return not any(text in message and (not name or record.name.startswith(name)) for name, text in self.noise)
 
@@ -150,6 +184,15 @@ def stderr_without(noise: Sequence[str]):
             sys.stderr.flush()
 
 
+def import_tensorflow() -> Any:
+    """``import tensorflow`` without its C++ start-up banner (a no-op once it is imported): for the library's
+    own first use of TensorFlow (``vgg_jax.load(...).predict``), so that a notebook needs no set-up."""
+    if "tensorflow" not in sys.modules:
+        with stderr_without(TENSORFLOW_BANNER):
+            import tensorflow  # noqa: F401, PLC0415
+    return sys.modules["tensorflow"]
+
+
 def has_tpu() -> bool:
     """Whether TPU chips are attached: JAX's own PCI check, the one that decides whether it sets libtpu up."""
     from jax._src import hardware_utils  # noqa: PLC0415 (private, but exactly JAX's test; jax is pinned)
@@ -157,12 +200,13 @@ def has_tpu() -> bool:
     return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
 
 
-def quiet(tensorflow: bool) -> None:
+def quiet(tensorflow: bool, libraries: bool = False) -> None:
     """Silences known-harmless start-up noise of an entry point (a CLI or a notebook; never called by the
-    library): the log lines in ``QUIET``, absl's "logging before flag parsing" notice and, for commands that
-    use it, TensorFlow's C++ banner (it is imported here, under a filter)."""
+    library): the log lines in ``QUIET``, absl's "logging before flag parsing" notice, with ``libraries`` the
+    INFO lines of installed libraries, and, for commands that use it, TensorFlow's C++ banner (it is imported
+    here, under a filter)."""
     flags.FLAGS.mark_as_parsed()  # our flags live on per-command FlagValues; absl's global ones are unused
-    logging.get_absl_handler().addFilter(_Quiet())
+    logging.get_absl_handler().addFilter(_Quiet(libraries))
     std_logging.getLogger("absl").addFilter(_Quiet())  # where no absl handler prints (a notebook's kernel)
     if not has_tpu():
         # libtpu installed where there is no TPU (the [tpu] extra, the test requirements): JAX still probes
@@ -170,21 +214,32 @@ def quiet(tensorflow: bool) -> None:
         os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-1")
         os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     if tensorflow:
-        with stderr_without(TENSORFLOW_BANNER):
-            import tensorflow  # noqa: F401, PLC0415
+        import_tensorflow()
+
+
+def stream_output() -> None:
+    """Line-buffered stdout: a command's printed lines reach a log file (``> log``, ``nohup``) as they are
+    printed, not when a buffer fills or the program exits. absl's log lines go to stderr, flushed per line."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(line_buffering=True)
 
 
 def run(main: Callable[[list[str]], Any], tensorflow: bool = False) -> None:
-    """The ``__main__`` of an entry point: absl logging at INFO without known start-up noise, then
-    ``main(sys.argv[1:])``. A user error ends the program with one line and status 2 (the traceback with
-    ``--verbose``); other exceptions keep their traceback. ``tensorflow``: the command uses TensorFlow."""
+    """The ``__main__`` of an entry point: output streamed line by line, absl logging at INFO showing this
+    project's progress (and clu's) without known start-up noise or, unless ``--verbose``, libraries' INFO
+    chatter, then ``main(sys.argv[1:])``. A user error ends the program with one line and status 2 (the
+    traceback with ``--verbose``); other exceptions keep their traceback. ``tensorflow``: the command uses
+    TensorFlow."""
+    argv = sys.argv[1:]
+    loud = verbose(argv)
+    stream_output()
     logging.use_absl_handler()
     logging.set_verbosity(logging.INFO)
-    quiet(tensorflow)
-    argv = sys.argv[1:]
+    quiet(tensorflow, libraries=not loud)
     try:
         main(argv)
     except USER_ERRORS as e:
-        if verbose(argv):
+        if loud:
             raise
         fail(str(e) if not isinstance(e, OSError) or not e.filename else f"{e.strerror}: {e.filename}")

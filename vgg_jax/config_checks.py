@@ -35,6 +35,7 @@ RESUMABLE = (
     "optimizer.max_decreases",
     "optimizer.step_boundaries",
     "optimizer.warmup_steps",
+    "optimizer.lr_base_batch",
     "grad_accum_steps",
     "eval_protocol",
     "eval_batch_size",
@@ -177,6 +178,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "must be increasing positive steps",
     )
     _check(opt.warmup_steps >= 0, "optimizer.warmup_steps", opt.warmup_steps, "must be >= 0")
+    _check(
+        isinstance(opt.lr_base_batch, int) and opt.lr_base_batch >= 0,
+        "optimizer.lr_base_batch",
+        opt.lr_base_batch,
+        "must be an integer >= 0: the global batch learning_rate was chosen for (0: use learning_rate as given)",
+    )
     try:
         re.compile(opt.trainable)
     except re.error as e:

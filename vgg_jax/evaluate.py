@@ -11,6 +11,7 @@ import functools
 import io
 import json
 import sys
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -20,7 +21,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import flags, logging
-from clu import periodic_actions
 from etils import epath
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
@@ -214,6 +214,8 @@ def run_pass(member: Member, method: str, scale: int, mesh: jax.sharding.Mesh, b
         names = np.asarray([n.decode() for n in local["file_name"][valid]], dtype=object)
         collected.append((local["index"][valid], local["label"][valid], _local_rows(posteriors)[valid], names))
 
+    from clu import periodic_actions  # noqa: PLC0415  (imports TensorFlow: not at import, for quiet CLIs)
+
     logging.info(
         "Evaluating %s with %s at Q=%d: %d batches of %d images", member.name, method, scale, len(batches), batch_size
     )
@@ -223,7 +225,16 @@ def run_pass(member: Member, method: str, scale: int, mesh: jax.sharding.Mesh, b
         if jax.process_index() == 0:
             progress(i)
         inputs = sharding.to_global({k: batch[k] for k in _FIELDS[method]}, mesh)
+        compiled, started = posteriors_step._cache_size(), time.perf_counter()
         posteriors = posteriors_step(member.variables, inputs, apply_fn=member.apply_fn, method=method)
+        if posteriors_step._cache_size() > compiled:  # a new shape (first batch, a new canvas): it was compiled
+            logging.info(
+                "compiled the %s step at Q=%d for batches of %s in %.1f s",
+                method,
+                scale,
+                tuple(batch["image"].shape),
+                time.perf_counter() - started,
+            )
         if pending is not None:
             fetch(*pending)
         pending = (posteriors, {k: batch[k] for k in ("index", "label", "valid", "file_name")})

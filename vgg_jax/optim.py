@@ -22,11 +22,44 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, num_steps: int) ->
         return lr
     if kind == "step":
         boundaries = {int(b): config.decay_factor for b in config.step_boundaries}
-        return optax.piecewise_constant_schedule(lr, boundaries)
+        steps = optax.piecewise_constant_schedule(lr, boundaries)
+        if not config.warmup_steps:
+            return steps
+        return lambda step: jnp.minimum(step / config.warmup_steps, 1.0) * steps(step)  # boundaries stay absolute
     if kind == "cosine":
         warmup = max(config.warmup_steps, 1)
         return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(num_steps, warmup + 1))
     raise ValueError(f"Unknown schedule {kind!r}: use 'plateau', 'step', 'cosine' or 'constant'.")
+
+
+PAPER_BATCH = 256  # the batch the paper's learning rate (1e-2) was chosen for (Sect. 3.1)
+
+
+def linear_scaling(learning_rate: float, global_batch: int, base_batch: int) -> float:
+    """The linear scaling rule (Goyal et al. 2017, "Accurate, Large Minibatch SGD", Sect. 2.1; timm's
+    ``--lr-base-size``): a rate chosen for ``base_batch`` images per step, used at ``global_batch``, is multiplied
+    by ``global_batch / base_batch``. ``base_batch`` 0: the rate is used as given."""
+    return learning_rate * global_batch / base_batch if base_batch else learning_rate
+
+
+def batch_note(config: ml_collections.ConfigDict, before: int) -> str | None:
+    """One line saying what a global batch derived from the hardware (``before`` -> ``config.global_batch_size``,
+    e.g. preflight's ``--batch_per_chip``) does to the learning rate; None when the batch is unchanged."""
+    after, opt = int(config.global_batch_size), config.optimizer
+    if after == before:
+        return None
+    change = f"global batch {after} instead of the config's {before}"
+    if opt.lr_base_batch:
+        rate = linear_scaling(opt.learning_rate, after, opt.lr_base_batch)
+        return (
+            f"{change}: learning rate {opt.learning_rate:g} x {after}/{opt.lr_base_batch} = {rate:g} "
+            f"(optimizer.lr_base_batch={opt.lr_base_batch}: linear scaling, Goyal et al. 2017)."
+        )
+    return (
+        f"{change}: the learning rate stays {opt.learning_rate:g}, chosen for {before} images per step. To scale it "
+        f"linearly (Goyal et al. 2017) add --config.optimizer.lr_base_batch={before}, with a warm-up "
+        "(--config.optimizer.warmup_steps, schedule step or cosine)."
+    )
 
 
 def _decay_mask(params: Any, decay_biases: bool) -> Any:

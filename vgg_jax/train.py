@@ -109,8 +109,25 @@ def create_state(config: ml_collections.ConfigDict, model: models.VGG, tx, shard
 
 
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The config made self-contained: ``data.stats_path``'s mean and PCA read into their fields once."""
+    """The config made self-contained: ``data.stats_path``'s mean and PCA read into their fields once, and the
+    learning rate scaled to the global batch when ``optimizer.lr_base_batch`` is set (the one place it is)."""
     config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy
+    opt = config.optimizer
+    if opt.lr_base_batch:
+        rate = optim.linear_scaling(opt.learning_rate, config.global_batch_size, opt.lr_base_batch)
+        logging.info(
+            "learning rate %g = %g x global batch %d / %d (optimizer.lr_base_batch: linear scaling, Goyal et al. 2017)",
+            rate,
+            opt.learning_rate,
+            config.global_batch_size,
+            opt.lr_base_batch,
+        )
+        if rate > opt.learning_rate and not (opt.warmup_steps and opt.schedule in ("step", "cosine")):
+            logging.warning(
+                "linear scaling without a warm-up: Goyal et al. (2017) needed a gradual warm-up for large batches; "
+                "set --config.optimizer.warmup_steps with --config.optimizer.schedule=step or cosine."
+            )
+        opt.learning_rate, opt.lr_base_batch = rate, 0
     if config.data.stats_path:
         stats = load_stats(config.data.stats_path)
         logging.info("Mean RGB and PCA from %s: %s", config.data.stats_path, stats)
@@ -207,6 +224,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     config = resolve(config)
     workdir = storage.path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    logging.info("workdir %s (checkpoints, TensorBoard events, results.json)", workdir)
     mesh = sharding.make_mesh(config.mesh.model)
     class_names = check_before_training(config, mesh)
     model = models.from_config(config.model, num_classes=len(class_names), crop_size=config.data.crop_size)
@@ -305,8 +323,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         while step < config.num_train_steps:
             local = throughput.next_batch(train_iter)
             batch = sharding.to_global({"image": local["image"], "label": local["label"]}, mesh)
+            compiling = step == start_step
+            if compiling:
+                logging.info("step %d: compiling the train step", step + 1)
+                compile_started = time.perf_counter()
             state, step_metrics = step_fn(state, batch)
+            if compiling:
+                logging.info("train step compiled in %.1f s", time.perf_counter() - compile_started)
             step += 1
+            ckpt.report_saved()
             # Checked one step late, so the host never waits for the device here; no checkpoint is
             # written before its step's check (below).
             if pending is not None:

@@ -12,12 +12,16 @@ import functools
 import hashlib
 import os
 import re
+import sys
 import tarfile
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import tensorflow_datasets as tfds
+from absl import logging
 from etils import epath
+from tensorflow_datasets.core.utils import tqdm_utils
 from tensorflow_datasets.datasets.imagenet2012 import imagenet2012_dataset_builder as imagenet_builder
 from tensorflow_datasets.datasets.imagenet2012 import imagenet_common
 
@@ -139,7 +143,15 @@ def _prepare(make: Callable[[], tfds.core.DatasetBuilder], **kwargs: Any) -> tfd
     with lease.acquire(wait=PREPARE_WAIT, advice=advice):
         builder = make()  # another process may have prepared it while we waited
         if not builder.is_prepared():
-            builder.download_and_prepare(**kwargs)
+            logging.info("Preparing %s in %s (first use; done once)", builder.name, builder.data_dir)
+            # TFDS's progress bars only go to a terminal: in a log file they are escape codes.
+            started, bars = time.time(), tqdm_utils._active  # noqa: SLF001 (TFDS keeps the switch there)
+            tfds.display_progress_bar(bars and sys.stderr.isatty())
+            try:
+                builder.download_and_prepare(**kwargs)
+            finally:
+                tfds.display_progress_bar(bars)
+            logging.info("Prepared %s in %.0f s", builder.name, time.time() - started)
     return make()
 
 

@@ -7,21 +7,26 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import tensorflow as tf
 from absl import flags
 from ml_collections import config_flags
 
 from vgg_jax import cli, storage
-from vgg_jax.data import transforms
 from vgg_jax.data.config import default_data_config
 from vgg_jax.errors import UserError
+
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 
 def pixel_moments(encoded: tf.Tensor) -> dict[str, tf.Tensor]:
     """Pixel count, sum [3] and sum of outer products [3, 3] (float64, 0..255) of one image."""
+    import tensorflow as tf  # noqa: PLC0415  (TensorFlow loads when used: the CLI imports it quietly first)
+
+    from vgg_jax.data import transforms  # noqa: PLC0415
+
     pixels = tf.reshape(tf.cast(transforms.decode_rgb(encoded), tf.float64), [-1, 3])
     return dict(
         count=tf.shape(pixels, out_type=tf.int64)[0],
@@ -59,9 +64,10 @@ def stats_from_moments(moments: Iterable[dict[str, Any]]) -> dict[str, Any]:
 def compute_stats(data_config: Any, split: str, num_images: int, seed: int = 0) -> dict[str, Any]:
     """Stats of ``num_images`` images of ``split``, read in a seeded random order of files
     (TFDS stores each split's examples in a hashed, i.e. random, order)."""
-    import tensorflow_datasets as tfds
+    import tensorflow as tf  # noqa: PLC0415
+    import tensorflow_datasets as tfds  # noqa: PLC0415
 
-    from vgg_jax.data import sources
+    from vgg_jax.data import sources  # noqa: PLC0415
 
     source = sources.get_source(data_config)
     sources.check_split(source, split)
