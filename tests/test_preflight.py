@@ -161,6 +161,9 @@ def test_tiny_run_compiles_for_an_8_gpu_node_and_fits():
     out = proc.stdout
     assert "h100-80gbx8: 8 GPUs (1x1x8, NVIDIA H100 80GB HBM3), 1 host(s) = processes; 58.33 GiB usable per GPU" in out
     assert "global batch 16 = 16 per host = 2 per GPU" in out
+    # --batch_per_chip doubled the config's batch of 8: said, with the learning rate it keeps and the way to scale it.
+    assert "global batch 16 instead of the config's 8: the learning rate stays 0.02" in out
+    assert "--config.optimizer.lr_base_batch=8" in out
     # The gradient all-reduce and its type: bfloat16 with bfloat16 compute, 2 bytes for each of the 54,080
     # parameters (fc8 has 1,000 classes here): 108,160 B; the 12 B of float32 are the loss and metrics.
     train = next(line for line in out.splitlines() if line.startswith("train: "))

@@ -565,7 +565,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise ConfigError(f"--batch_per_chip={values.batch_per_chip}: give a positive batch per {spec.chip}.")
     config = values.config
     if values.batch_per_chip:
-        config.global_batch_size = values.batch_per_chip * spec.chips
+        before, config.global_batch_size = config.global_batch_size, values.batch_per_chip * spec.chips
+        from vgg_jax import optim  # noqa: PLC0415  (imports jax: after the flags are checked)
+
+        if note := optim.batch_note(config, before):
+            print(note, flush=True)
     if values.remat:
         config.model.remat = values.remat
     run, results = check(config, spec, values.num_classes, values.eval)
