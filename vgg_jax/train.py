@@ -18,7 +18,18 @@ from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 from etils import epath
 
-from vgg_jax import checkpoints, config_checks, data, evaluate, hardware, models, optim, preprocessing, sharding
+from vgg_jax import (
+    checkpoints,
+    config_checks,
+    data,
+    diagnostics,
+    evaluate,
+    hardware,
+    models,
+    optim,
+    preprocessing,
+    sharding,
+)
 from vgg_jax.data.config import load_stats
 from vgg_jax.errors import ConfigError, TrainingDiverged
 from vgg_jax.train_step import TrainState, abstract_train_state, create_train_state, jit_train_step
@@ -246,6 +257,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 )
             )
     step_fn = jit_train_step(shardings, sharding.batch_sharding(mesh), config.grad_accum_steps)
+    stats_fn = diagnostics.jit_layer_statistics(shardings, sharding.batch_sharding(mesh))
+    stall = diagnostics.StallWatch(config, len(class_names))
     preemption = PreemptionFlag()
     throughput = Throughput(config, model, mesh)
 
@@ -286,6 +299,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         while step < config.num_train_steps:
             local = throughput.next_batch(train_iter)
             batch = sharding.to_global({"image": local["image"], "label": local["label"]}, mesh)
+            if config.diagnostics.every_steps and step % config.diagnostics.every_steps == 0:
+                writer.write_scalars(step, {f"diag/{k}": v for k, v in stats_fn(state, batch).items()})
             state, step_metrics = step_fn(state, batch)
             step += 1
             # Checked one step late, so the host never waits for the device here; no checkpoint is
@@ -297,7 +312,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             for hook in hooks:
                 hook(step)
             if step % config.log_every_steps == 0 or step == config.num_train_steps:
-                writer.write_scalars(step, {f"train/{k}": v for k, v in train_metrics.compute().items()})
+                scalars = train_metrics.compute()
+                writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
+                stall.update(step, float(scalars["loss"]), lambda: stats_fn(state, batch))
                 throughput.report(step, writer)
                 train_metrics = None
             preempted = preemption.reached(step, ckpt.manager)
