@@ -41,6 +41,7 @@ RESUMABLE = (
     "checkpoint.",
     "log_every_steps",
     "profile.",
+    "diagnostics.",
     "mesh.",
     "distributed.",
     "init_from",
@@ -190,6 +191,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(config.checkpoint.keep >= 1, "checkpoint.keep", config.checkpoint.keep, "must be >= 1")
     _check(config.checkpoint.keep_best >= 0, "checkpoint.keep_best", config.checkpoint.keep_best, "must be >= 0")
     _check(config.mesh.model >= 1, "mesh.model", config.mesh.model, "must be >= 1")
+    diag = config.diagnostics
+    _check(diag.every_steps >= 0, "diagnostics.every_steps", diag.every_steps, "must be >= 0 (0: off)")
+    _check(diag.stall_steps >= 0, "diagnostics.stall_steps", diag.stall_steps, "must be >= 0 (0: no stall warning)")
+    _check(0 < diag.stall_margin < 1, "diagnostics.stall_margin", diag.stall_margin, "must be in (0, 1)")
     if config.reset_head and not config.init_from:
         _fail("reset_head", True, "replaces fc8 of the init_from run's parameters: set --config.init_from")
     preprocessing.InputConvention.from_data_config(data)  # mean/std/resize
