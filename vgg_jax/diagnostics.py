@@ -123,9 +123,10 @@ class StallWatch:
         self.warned = True
         logging.warning(
             "Step %d: stalled at chance: the training loss has averaged %.3f, within %.2f of ln(%d) = %.3f, "
-            "over the last %d steps. Likely causes: ReLUs that no input turns on any more (dead) after too "
-            "large a learning rate for this batch and width, a learning rate too small or 0, or an init scale "
-            "that makes the logits blow up or vanish (docs/training.md#diagnosing-a-stalled-run). Now: %s.",
+            "over the last %d steps. Likely causes: a learning rate too large for this batch and width (the "
+            "logits overshoot and SGD shrinks the whole signal until every image gets the same answer: logit std "
+            "over the batch near 0, many dead ReLUs), a learning rate too small or 0, or an init scale that blows "
+            "the logits up or makes them vanish (docs/training.md#diagnosing-a-stalled-run). Now: %s.",
             step,
             mean,
             self.margin,
