@@ -95,6 +95,16 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint.fresh_start_if_damaged = False
 
     config.log_every_steps = 100
+    # Per-layer statistics and the stall warning (vgg_jax/diagnostics.py; docs/training.md#diagnosing-a-stalled-run).
+    config.diagnostics = ml_collections.ConfigDict()
+    # > 0: every N steps, TensorBoard series diag/* of the step's batch: activation mean/std and dead ReLU
+    # channels per layer, gradient, update and parameter norms per layer (one more forward/backward pass).
+    config.diagnostics.every_steps = 0
+    # Warn once (one log line) when the training loss stays at chance, within stall_margin x ln(num_classes)
+    # of ln(num_classes), over the stall_steps steps after warm-up and later; 0: never. 5,004 steps: an
+    # ImageNet epoch at batch 256.
+    config.diagnostics.stall_steps = 5_004
+    config.diagnostics.stall_margin = 0.02
     # clu profiler window: capture num_steps steps starting at start_step (-1: never).
     config.profile = ml_collections.ConfigDict()
     config.profile.start_step = -1

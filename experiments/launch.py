@@ -136,7 +136,13 @@ def define_flags(values: flags.FlagValues, argv: list[str]) -> None:
     string("nets", ",".join(sweeps.NETS), "Paper sweep: configurations.")
     string("scales", ",".join(sweeps.SCALES), "Paper sweep: training scales.")
     string("tables", ",".join(sweeps.TABLES), "Paper sweep: evaluations ('' for none).")
-    flags.DEFINE_bool("staged", False, "Paper sweep: B..E start from the trained A (Sect. 3.1).", flag_values=values)
+    flags.DEFINE_bool(
+        "staged",
+        None,
+        "Paper sweep: B..E start from the trained A (Sect. 3.1). Default: yes with --base_config (reduced "
+        "sizes, where deep nets from random init stall), no on ImageNet (Glorot init); --nostaged: never.",
+        flag_values=values,
+    )
     flags.DEFINE_enum(
         "platform",
         None,
@@ -282,7 +288,9 @@ def build_sweep(args: types.SimpleNamespace, overrides: Sequence[str]) -> sweeps
         name = args.name or "-".join([epath.Path(path).stem, *_split(arg)])
         sweep = sweeps.from_overrides(name, args.config, {name: ()}, overrides)
     elif args.sweep == "paper":
-        options = dict(staged=args.staged, tables=_split(args.tables), overrides=overrides)
+        options = dict(tables=_split(args.tables), overrides=overrides)
+        if args.staged is not None:
+            options["staged"] = args.staged
         if args.base_config:
             sweep = sweeps.reduced(args.base_config, _split(args.nets), _split(args.scales), **options)
         else:

@@ -239,11 +239,14 @@ def _table3(
     tables: Sequence[str],
     overrides: Sequence[str],
     trained_at: Callable[[str], str] = str,
+    staged_rest_init: str = "paper",
 ) -> Sweep:
     """Runs net x scale, each scale initialised from the previous one of the same net (paper Sect. 3.1).
 
     Runs are named ``<net>_<S>`` with the scale they train at (``trained_at`` of the paper's label: ``A_110``
     for the paper's S = 256 at crop 96); ``Run.scale`` keeps the paper's label, which places them in its tables.
+    ``staged``: B..E at the first scale start from that scale's trained A, their other layers initialised
+    with ``staged_rest_init`` ('' keeps the run's config's scheme).
     """
     _check_choice(nets, NETS, "nets")
     _check_choice(scales, SCALES, "scales")
@@ -251,7 +254,9 @@ def _table3(
         _check_choice(tables, TABLES, "tables")
     scales = [s for s in SCALES if s in scales]  # the chain's order
     if staged and "A" not in nets:
-        raise ValueError("Staged initialisation starts B..E from a trained net A: add A to the nets.")
+        raise ValueError(
+            "Staged initialisation starts B..E from a trained net A: add A to the nets, or pass --nostaged."
+        )
     runs = []
     for net in nets:
         previous = ""
@@ -260,7 +265,8 @@ def _table3(
             staged_from = ""
             if staged and net not in ("A", "A-LRN") and not previous:
                 staged_from = f"A_{trained_at(scales[0])}"
-                extra = (*extra, "--config.model.init_scheme=paper")  # the rest N(0, init_std^2), as the paper
+                if staged_rest_init:  # the paper: the rest N(0, init_std^2)
+                    extra = (*extra, f"--config.model.init_scheme={staged_rest_init}")
             run = Run(
                 f"{net}_{trained_at(scale)}",
                 config,
@@ -334,12 +340,18 @@ def reduced(
     nets: Sequence[str] = NETS,
     scales: Sequence[str] = SCALES,
     *,
-    staged: bool = False,
+    staged: bool = True,
     tables: Sequence[str] = TABLES,
     overrides: Sequence[str] = (),
 ) -> Sweep:
     """The paper's sweep on a smaller base config: S and Q scaled by crop_size / 224, chained runs at lr / 10; runs
-    are named by the scale they train at (``A_110``, ``B_110-219`` at crop 96)."""
+    are named by the scale they train at (``A_110``, ``B_110-219`` at crop 96).
+
+    ``staged`` (default): B..E start from the trained A as in the paper (Sect. 3.1), their other layers
+    with the base config's init (Glorot in configs/demo.py: the paper's N(0, 0.01^2) stops the signal at
+    width 8); ``staged=False``: every net from the base config's init, the post-paper variant.
+    docs/training.md#diagnosing-a-stalled-run
+    """
     from configs.paper import EVAL_SCALE  # noqa: PLC0415  (imported after resolve_config set sys.path)
 
     base = resolve_config(base_config, overrides)
@@ -373,6 +385,7 @@ def reduced(
         tables,
         overrides,
         trained_at,
+        staged_rest_init="",
     )
 
 

@@ -129,7 +129,7 @@ def _certificates(directory: Path) -> tuple[Path, Path]:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     valid = (now - datetime.timedelta(days=1), now + datetime.timedelta(days=7))
 
     def build(subject: str, issuer: x509.Name | None, key, signer, ca: bool) -> x509.Certificate:

@@ -31,6 +31,7 @@ LAYERS = {
     "vgg_jax.data.transforms": 2,
     "vgg_jax.data.pipeline": 3,
     "vgg_jax.data.stats": 3,
+    "vgg_jax.diagnostics": 3,
     "vgg_jax.classifier": 3,
     "vgg_jax.convert": 3,
     "vgg_jax.evaluate": 4,

@@ -119,6 +119,8 @@ def test_local_mode_runs_dependencies_first(ablation):
     # the scales shrunk by crop / 224 = 32 / 224 (256 -> 37, 512 -> 73, Q = 384 -> 55).
     from vgg_jax import checkpoints
 
+    staged_from = checkpoints.read_meta(ablation / "B_37-seed0")["config"]["staged_init_from"]
+    assert staged_from == str(ablation / "A_37-seed0")  # reduced sweeps: B..E start from A (the default)
     config = checkpoints.read_meta(ablation / "B_37-73-seed0")["config"]
     assert config["init_from"] == str(ablation / "B_37-seed0")
     assert config["optimizer"]["learning_rate"] == pytest.approx(0.002)
@@ -554,6 +556,24 @@ def test_paper_sweep_is_table_3_with_the_papers_chain():
     assert jobs["C_384"].facts["num_train_steps"] == 370_000 and jobs["C_256-512"].facts["eval_scales"] == [384]
     assert "--config.staged_init_from=/runs/A_256" in jobs["E_256"].args
     assert "--config.model.init_scheme=paper" in jobs["E_256"].args
+
+
+def test_reduced_sweep_starts_b_to_e_from_a_by_default_and_from_glorot_with_nostaged():
+    """The paper's remedy by default at reduced sizes (docs/training.md#diagnosing-a-stalled-run); --nostaged
+    the post-paper variant; the paper sweep on ImageNet keeps Glorot init unless --staged."""
+
+    def runs(*argv: str) -> dict:
+        args, overrides = launch.parse_args(["--sweep=paper", "--scales=256", "--tables=", *argv])
+        return {r.name: r for r in launch.build_sweep(args, overrides).runs}
+
+    staged = runs("--base_config=configs/demo.py", "--nets=A,A-LRN,B,E")
+    assert [staged[n].staged_init_from for n in ("A_110", "A-LRN_110", "B_110", "E_110")] == ["", "", "A_110", "A_110"]
+    assert not any("init_scheme" in o for o in staged["E_110"].overrides)  # the other layers: the config's Glorot
+    plain = runs("--base_config=configs/demo.py", "--nets=A,B", "--nostaged")
+    assert plain["B_110"].staged_init_from == "" and plain["B_110"].after == ()
+    assert runs("--nets=A,B")["B_256"].staged_init_from == ""  # ImageNet: Glorot unless --staged
+    with pytest.raises(ValueError, match="--nostaged"):
+        runs("--base_config=configs/demo.py", "--nets=B")
 
 
 @pytest.mark.parametrize(

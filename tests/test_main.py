@@ -284,7 +284,7 @@ def test_misspelt_config_key_is_one_line_with_the_right_key(tmp_path, data_dir):
 def test_loss_falls_on_the_builtin_data(tmp_path, data_dir):
     import tensorflow as tf
 
-    run_main(
+    proc = run_main(
         tmp_path,
         data_dir,
         "--config.num_train_steps=60",
@@ -293,7 +293,9 @@ def test_loss_falls_on_the_builtin_data(tmp_path, data_dir):
         "--config.log_every_steps=10",
         "--config.optimizer.learning_rate=0.01",
         "--config.model.dropout_rate=0.0",
+        "--config.diagnostics.stall_steps=20",  # checked from step 20 on: a learning run is not reported
     )
+    assert "stalled at chance" not in proc.stderr  # tests/test_diagnostics.py: a run that cannot learn is
     losses = {}
     for path in tmp_path.glob("events.out.tfevents.*"):
         for event in tf.compat.v1.train.summary_iterator(str(path)):

@@ -43,6 +43,7 @@ RESUMABLE = (
     "checkpoint.",
     "log_every_steps",
     "profile.",
+    "diagnostics.",
     "mesh.",
     "distributed.",
     "init_from",
@@ -206,6 +207,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"computes each device's gradient apart, where {model.name}'s batch normalisation would use per-device "
         "statistics: use 'compute' with BN models",
     )
+    diag = config.diagnostics
+    _check(diag.every_steps >= 0, "diagnostics.every_steps", diag.every_steps, "must be >= 0 (0: off)")
+    _check(diag.stall_steps >= 0, "diagnostics.stall_steps", diag.stall_steps, "must be >= 0 (0: no stall warning)")
+    _check(0 < diag.stall_margin < 1, "diagnostics.stall_margin", diag.stall_margin, "must be in (0, 1)")
     if config.reset_head and not config.init_from:
         _fail("reset_head", True, "replaces fc8 of the init_from run's parameters: set --config.init_from")
     preprocessing.InputConvention.from_data_config(data)  # mean/std/resize

@@ -22,6 +22,7 @@ from vgg_jax import (
     checkpoints,
     config_checks,
     data,
+    diagnostics,
     evaluate,
     hardware,
     models,
@@ -283,6 +284,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     step_fn = jit_train_step(
         shardings, sharding.batch_sharding(mesh), config.grad_accum_steps, config.mesh.grad_reduce_dtype
     )
+    stats_fn = diagnostics.jit_layer_statistics(shardings, sharding.batch_sharding(mesh))
+    stall = diagnostics.StallWatch(config, len(class_names))
     preemption = PreemptionFlag()
     throughput = Throughput(config, model, mesh)
 
@@ -323,6 +326,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         while step < config.num_train_steps:
             local = throughput.next_batch(train_iter)
             batch = sharding.to_global({"image": local["image"], "label": local["label"]}, mesh)
+            if config.diagnostics.every_steps and step % config.diagnostics.every_steps == 0:
+                writer.write_scalars(step, {f"diag/{k}": v for k, v in stats_fn(state, batch).items()})
             compiling = step == start_step
             if compiling:
                 logging.info("step %d: compiling the train step", step + 1)
@@ -341,7 +346,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             for hook in hooks:
                 hook(step)
             if step % config.log_every_steps == 0 or step == config.num_train_steps:
-                writer.write_scalars(step, {f"train/{k}": v for k, v in train_metrics.compute().items()})
+                scalars = train_metrics.compute()
+                writer.write_scalars(step, {f"train/{k}": v for k, v in scalars.items()})
+                stall.update(step, float(scalars["loss"]), lambda: stats_fn(state, batch))
                 throughput.report(step, writer)
                 train_metrics = None
             preempted = preemption.reached(step, ckpt.manager)

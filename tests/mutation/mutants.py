@@ -24,6 +24,7 @@ OPT, TR = "vgg_jax/optim.py", "vgg_jax/train.py"
 C, X = "vgg_jax/checkpoints.py", "vgg_jax/data/transforms.py"
 P, E, V = "vgg_jax/data/pipeline.py", "vgg_jax/evaluate.py", "vgg_jax/convert.py"
 MAIN = "tests/test_main.py"
+DG = "vgg_jax/diagnostics.py"
 # tests/test_train_step.py without its multi-process and compile-heavy tests (which a step mutant also breaks)
 STEP = ("tests/test_train_step.py", "-k", "not two_processes and not fc_sharding and not on_a_mesh and not remat")
 
@@ -349,4 +350,47 @@ MUTANTS = [
         "torch_kernel_axes_swapped", V, ".transpose(2, 3, 1, 0)", ".transpose(3, 2, 1, 0)", ("tests/test_convert.py",)
     ),
     Mutant("bgr_weights_not_flipped", V, "if layout in BGR_LAYOUTS:", "if False:", ("tests/test_convert.py",)),
+    # diagnostics: per-layer statistics and the stall warning
+    Mutant(
+        "dead_counts_zero_activations_not_channels",
+        DG,
+        "1.0 - alive.mean()",
+        "1.0 - (x > 0).mean()",
+        ("tests/test_diagnostics.py", "-k", "numpy"),
+    ),
+    Mutant(
+        "update_norm_is_the_gradient_norm",
+        DG,
+        'for kind, tree in (("grad", grads), ("update", updates),',
+        'for kind, tree in (("grad", grads), ("update", grads),',
+        ("tests/test_diagnostics.py", "-k", "numpy"),
+    ),
+    Mutant(
+        "stall_warning_repeats",
+        DG,
+        "        self.warned = True\n",
+        "",
+        ("tests/test_diagnostics.py", "-k", "once"),
+    ),
+    Mutant(
+        "stall_window_never_forgets",
+        DG,
+        "if s > step - self.steps]",
+        "if s > -1]",
+        ("tests/test_diagnostics.py", "-k", "once"),
+    ),
+    Mutant(
+        "stall_watch_not_called_by_the_loop",
+        TR,
+        'stall.update(step, float(scalars["loss"]), lambda: stats_fn(state, batch))',
+        "pass",
+        ("tests/test_diagnostics.py", "-k", "cannot_learn"),
+    ),
+    Mutant(
+        "stall_margin_ten_times_wider",
+        DG,
+        "float(config.diagnostics.stall_margin) * self.chance",
+        "float(config.diagnostics.stall_margin) * 10 * self.chance",
+        ("tests/test_diagnostics.py", "-k", "cannot_learn"),
+    ),
 ]
