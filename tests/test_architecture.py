@@ -32,6 +32,7 @@ LAYERS = {
     "vgg_jax.data.stats": 3,
     "vgg_jax.classifier": 3,
     "vgg_jax.convert": 3,
+    "vgg_jax.rollback": 3,
     "vgg_jax.evaluate": 4,
     "vgg_jax.zoo": 4,
     "vgg_jax.train": 5,

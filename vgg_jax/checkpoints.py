@@ -209,7 +209,12 @@ def check_compatible(expected: Any, stored: Any, where: str) -> None:
     want, have = _leaves_by_path(expected), _leaves_by_path(stored)
     for key, leaf in want.items():
         if key not in have:
-            raise CheckpointError(f"Checkpoint {where} has no {key}: it was written for another model or optimizer.")
+            if key.startswith("opt_state/"):
+                raise CheckpointError(
+                    f"Checkpoint {where} has no {key}: its optimizer state is laid out for other optimizer settings "
+                    "(e.g. optimizer.trainable). Start a new run from its weights with --config.init_from."
+                )
+            raise CheckpointError(f"Checkpoint {where} has no {key}: it was written for another model.")
         if tuple(have[key].shape) != tuple(leaf.shape):
             raise CheckpointError(
                 f"Checkpoint {where} does not fit this model: {key} has shape {tuple(have[key].shape)} "
@@ -218,9 +223,8 @@ def check_compatible(expected: Any, stored: Any, where: str) -> None:
             )
     extra = sorted(set(have) - set(want))
     if extra:
-        raise CheckpointError(
-            f"Checkpoint {where} has {extra[0]} that this model lacks: another model was saved there."
-        )
+        what = "this run's optimizer state" if extra[0].startswith("opt_state/") else "this model"
+        raise CheckpointError(f"Checkpoint {where} has {extra[0]} that {what} lacks: it was saved by another setup.")
 
 
 @dataclasses.dataclass
@@ -271,13 +275,18 @@ class Checkpointer:
             self._set_aside(step, problems)
         return None
 
-    def _set_aside(self, step: int, problems: list[str]) -> None:
-        aside = self.directory / f"{step}.damaged"
+    def _rename(self, step: int, suffix: str) -> epath.Path:
+        """Renames step ``step`` to ``<step>.<suffix>`` (``-<n>`` added if taken) on process 0."""
+        aside = self.directory / f"{step}.{suffix}"
         n = 1
         while aside.exists():
-            aside, n = self.directory / f"{step}.damaged-{n}", n + 1
+            aside, n = self.directory / f"{step}.{suffix}-{n}", n + 1
         if jax.process_index() == 0:
             (self.directory / str(step)).rename(aside)
+        return aside
+
+    def _set_aside(self, step: int, problems: list[str]) -> None:
+        aside = self._rename(step, "damaged")
         multihost_utils.sync_global_devices(f"vgg_jax set aside checkpoint {step}")
         logging.warning(
             "Checkpoint step %d is damaged (%s): set aside as %s; falling back to an earlier step.",
@@ -286,6 +295,16 @@ class Checkpointer:
             aside,
         )
         self.manager.reload()
+
+    def set_aside_after(self, step: int, suffix: str) -> list[epath.Path]:
+        """Renames every step after ``step`` to ``<step>.<suffix>`` (never deleted: a rollback's diverged steps,
+        those a run resumed before); returns their new paths."""
+        self.wait()
+        moved = [self._rename(s, suffix) for s in self.steps() if s > step]
+        if moved:
+            multihost_utils.sync_global_devices(f"vgg_jax set aside checkpoints after {step}")
+            self.manager.reload()
+        return moved
 
     def save(self, step: int, state: Any, data_state: Any, meta: dict[str, Any]) -> None:
         """Starts an (asynchronous) save of everything needed to resume at ``step``."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -39,6 +40,9 @@ RESUMABLE = (
     "eval_batch_size",
     "eval_every_steps",
     "checkpoint.",
+    "resume_from_step",
+    "rollback.",
+    "inject_spike.",
     "log_every_steps",
     "profile.",
     "mesh.",
@@ -106,9 +110,17 @@ def check_scales(scales: Any, crop_size: int, field: str = "data.eval_scales") -
     return values
 
 
+def _floats(value: Any) -> list[float]:
+    if isinstance(value, list):
+        return [f for v in value for f in _floats(v)]
+    return [value] if isinstance(value, float) else []
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Range, type and consistency checks of every field a run reads; ConfigError naming the field and the fix."""
     model, data, opt = config.model, config.data, config.optimizer
+    for field, value in flatten(config.to_dict()).items():
+        _check(all(map(math.isfinite, _floats(value))), field, value, "must be finite")
     try:
         models.canonical_name(model.name)
     except ValueError as e:
@@ -190,9 +202,47 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(config.checkpoint.keep >= 1, "checkpoint.keep", config.checkpoint.keep, "must be >= 1")
     _check(config.checkpoint.keep_best >= 0, "checkpoint.keep_best", config.checkpoint.keep_best, "must be >= 0")
     _check(config.mesh.model >= 1, "mesh.model", config.mesh.model, "must be >= 1")
+    _check(
+        model.fc_width % config.mesh.model == 0,
+        "mesh.model",
+        config.mesh.model,
+        f"must divide model.fc_width={model.fc_width} (fc6 and fc7 are split over it by output channel)",
+    )
+    _check(config.resume_from_step >= 0, "resume_from_step", config.resume_from_step, "must be >= 0 (0: the newest)")
+    _check_rollback(config)
     if config.reset_head and not config.init_from:
         _fail("reset_head", True, "replaces fc8 of the init_from run's parameters: set --config.init_from")
     preprocessing.InputConvention.from_data_config(data)  # mean/std/resize
+
+
+def _check_rollback(config: ml_collections.ConfigDict) -> None:
+    rb, spike, every = config.rollback, config.inject_spike, config.checkpoint.every_steps
+    _check(rb.max_rollbacks >= 0, "rollback.max_rollbacks", rb.max_rollbacks, "must be >= 0 (0: stop at once)")
+    _check(
+        rb.spike_factor == 0 or rb.spike_factor > 1,
+        "rollback.spike_factor",
+        rb.spike_factor,
+        "must be > 1 (0: no spike rule, non-finite losses only)",
+    )
+    _check(rb.spike_window >= 1, "rollback.spike_window", rb.spike_window, "must be >= 1")
+    _check(rb.spike_min_loss >= 0, "rollback.spike_min_loss", rb.spike_min_loss, "must be >= 0")
+    _check(
+        rb.steps_before >= 1,
+        "rollback.steps_before",
+        rb.steps_before,
+        "must be >= 1 (the parameters of the step before a bad loss are the ones that gave it)",
+    )
+    _check(0 < rb.lr_factor <= 1, "rollback.lr_factor", rb.lr_factor, "must be in (0, 1]")
+    need = 1 + math.ceil(rb.steps_before / every)
+    if rb.max_rollbacks and config.checkpoint.keep < need:
+        _fail(
+            "checkpoint.keep",
+            config.checkpoint.keep,
+            f"a rollback needs a checkpoint at least rollback.steps_before={rb.steps_before} steps before the "
+            f"newest: keep >= {need} with checkpoint.every_steps={every} (or --config.rollback.max_rollbacks=0)",
+        )
+    _check(spike.at_batch >= 0, "inject_spike.at_batch", spike.at_batch, "must be >= 0 (0: never)")
+    _check(spike.lr_factor > 0, "inject_spike.lr_factor", spike.lr_factor, "must be positive")
 
 
 # ----------------------------------------------------------------------------------------------
