@@ -391,11 +391,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         entry = guard.record(trouble, target, drawn)
         load_meta(meta)
         logging.warning(
-            "Rollback %d of %d: %s; restored step %d, skipping the %d batches drawn since (learning rate x%g)%s.",
+            "Rollback %d of %d: %s; restored %s, skipping the %d batches drawn since (learning rate x%g)%s.",
             len(guard.rollbacks),
             config.rollback.max_rollbacks,
             trouble,
-            target,
+            f"step {target}" if target else "the initial state (no checkpoint from before the trouble)",
             entry["skipped"],
             entry["lr_factor"],
             f"; set aside {', '.join(p.name for p in aside)}" if aside else "",
