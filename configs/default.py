@@ -92,7 +92,8 @@ def get_config() -> ml_collections.ConfigDict:
     # restores the newest checkpoint at least steps_before steps before the parameters that gave the bad loss,
     # skips the batches drawn since, multiplies the learning rate by lr_factor, and goes on; at most
     # max_rollbacks times (0: stop at the first divergence). Checkpoints after the target are set aside as
-    # <step>.diverged. Needs checkpoint.keep >= 1 + ceil(steps_before / checkpoint.every_steps).
+    # <step>.diverged. Besides checkpoint.keep and keep_best, the newest checkpoint at least steps_before
+    # steps older than the newest is kept: a target from before the trouble always exists.
     config.rollback = ml_collections.ConfigDict()
     config.rollback.max_rollbacks = 3
     config.rollback.spike_factor = 3.0  # 0: non-finite losses only

@@ -32,7 +32,6 @@ CONFIG_ERRORS = [
     ("--config.mesh.model=3", "--config.mesh.model=3: must divide model.fc_width=16"),
     ("--config.mesh.model=16", "--config.mesh.model=16 does not divide the 1 devices: use one of 1."),
     ("--config.data.eval_split=validation[:0]", "--config.data.eval_split='validation[:0]' holds no examples"),
-    ("--config.checkpoint.keep=1", "--config.checkpoint.keep=1: a rollback needs a checkpoint at least"),
     ("--config.rollback.spike_factor=0.5", "--config.rollback.spike_factor=0.5: must be > 1"),
 ]
 

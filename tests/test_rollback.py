@@ -14,6 +14,8 @@ from vgg_jax import checkpoints
 
 SPIKE = [
     "--config.checkpoint.every_steps=2",
+    "--config.checkpoint.keep=1",  # with keep_best=0, only the keep policy for rollbacks keeps step 10
+    "--config.checkpoint.keep_best=0",
     "--config.eval_every_steps=10",
     "--config.inject_spike.at_batch=12",  # the update on batch 12 (step 12) at 1000 x the rate
     "--config.inject_spike.lr_factor=1000",
@@ -38,7 +40,8 @@ def test_an_injected_spike_is_rolled_back_past_its_batches(spiked):
     assert "at step 13 (" in line and "restored step 10, skipping the 4 batches drawn since" in line
     assert "(learning rate x0.5)" in line and "set aside 12.diverged" in line
     assert not checkpoints.read_meta(workdir / "checkpoints" / "12.diverged").get("rollbacks")
-    assert checkpoints.read_meta(workdir / "checkpoints" / "12")["rollbacks"]  # the step 12 trained after it
+    # keep=1 newest, plus the newest one at least rollback.steps_before=1 step older (the keep policy).
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["12.diverged", "14", "16"]
     assert logged(workdir, "train/rollbacks") == {13: 1.0} and logged(workdir, "train/rollback_to") == {13: 10.0}
     results = json.loads((workdir / "results.json").read_text())
     assert results["step"] == 16 and results["rollbacks"] == 1

@@ -244,13 +244,35 @@ class BestValidation:
         return [c.step in best for c in checkpoints]
 
 
+@dataclasses.dataclass
+class OlderBy:
+    """An orbax preservation policy: the newest step at least ``gap`` steps older than the newest step, so that a
+    rollback (docs/training.md#rollback) always finds a checkpoint from before the trouble (0: none kept)."""
+
+    gap: int
+
+    def should_preserve(self, checkpoints: Sequence[Any], *, context: Any) -> list[bool]:
+        newest = max((c.step for c in checkpoints), default=0)
+        older = max((c.step for c in checkpoints if c.step <= newest - self.gap), default=None) if self.gap else None
+        return [c.step == older for c in checkpoints]
+
+
 class Checkpointer:
     """A thin layer over ``ocp.CheckpointManager`` for the training loop."""
 
-    def __init__(self, directory: str | epath.Path, *, keep: int = 3, keep_best: int = 1, async_save: bool = True):
+    def __init__(
+        self,
+        directory: str | epath.Path,
+        *,
+        keep: int = 3,
+        keep_best: int = 1,
+        keep_older_by: int = 0,
+        async_save: bool = True,
+    ):
         self.directory = absolute(directory)
         self.scores: dict[int, float] = {}  # step -> validation top-1 accuracy, for keep_best
-        policy = policies.AnyPreservationPolicy([policies.LatestN(n=keep), BestValidation(keep_best, self.scores)])
+        kept = [policies.LatestN(n=keep), BestValidation(keep_best, self.scores), OlderBy(keep_older_by)]
+        policy = policies.AnyPreservationPolicy(kept)
         options = ocp.CheckpointManagerOptions(
             create=True,
             enable_async_checkpointing=async_save,

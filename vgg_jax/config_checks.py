@@ -216,7 +216,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_rollback(config: ml_collections.ConfigDict) -> None:
-    rb, spike, every = config.rollback, config.inject_spike, config.checkpoint.every_steps
+    rb, spike = config.rollback, config.inject_spike
     _check(rb.max_rollbacks >= 0, "rollback.max_rollbacks", rb.max_rollbacks, "must be >= 0 (0: stop at once)")
     _check(
         rb.spike_factor == 0 or rb.spike_factor > 1,
@@ -233,14 +233,6 @@ def _check_rollback(config: ml_collections.ConfigDict) -> None:
         "must be >= 1 (the parameters of the step before a bad loss are the ones that gave it)",
     )
     _check(0 < rb.lr_factor <= 1, "rollback.lr_factor", rb.lr_factor, "must be in (0, 1]")
-    need = 1 + math.ceil(rb.steps_before / every)
-    if rb.max_rollbacks and config.checkpoint.keep < need:
-        _fail(
-            "checkpoint.keep",
-            config.checkpoint.keep,
-            f"a rollback needs a checkpoint at least rollback.steps_before={rb.steps_before} steps before the "
-            f"newest: keep >= {need} with checkpoint.every_steps={every} (or --config.rollback.max_rollbacks=0)",
-        )
     _check(spike.at_batch >= 0, "inject_spike.at_batch", spike.at_batch, "must be >= 0 (0: never)")
     _check(spike.lr_factor > 0, "inject_spike.lr_factor", spike.lr_factor, "must be positive")
 

@@ -302,6 +302,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         workdir / "checkpoints",
         keep=config.checkpoint.keep,
         keep_best=config.checkpoint.keep_best,
+        keep_older_by=config.rollback.steps_before,  # a rollback's target always exists
         async_save=config.checkpoint.async_save,
     )
     results_path = workdir / "results.json"
