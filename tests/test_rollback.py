@@ -16,7 +16,7 @@ SPIKE = [
     "--config.checkpoint.every_steps=2",
     "--config.checkpoint.keep=1",  # with keep_best=0, only the keep policy for rollbacks keeps step 10
     "--config.checkpoint.keep_best=0",
-    "--config.eval_every_steps=10",
+    "--config.eval_every_steps=100",  # only at the end
     "--config.inject_spike.at_batch=12",  # the update on batch 12 (step 12) at 1000 x the rate
     "--config.inject_spike.lr_factor=1000",
     "--config.rollback.lr_factor=0.5",
