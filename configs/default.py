@@ -55,7 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.optimizer.patience = 1
     config.optimizer.min_delta = 0.0
     config.optimizer.max_decreases = 3
-    config.optimizer.step_boundaries = [185_000, 277_500, 333_000]
+    config.optimizer.step_boundaries = (185_000, 277_500, 333_000)
     config.optimizer.warmup_steps = 0  # linear warm-up from 0 over these steps (step and cosine schedules)
     # The linear scaling rule (Goyal et al. 2017; timm's --lr-base-size): 0 uses learning_rate as given; N > 0
     # takes learning_rate as chosen for a global batch of N and trains at learning_rate x global_batch_size / N
@@ -93,6 +93,30 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint.allow_unverified = False
     # When every checkpoint of the workdir is damaged, start afresh (setting them aside) instead of stopping.
     config.checkpoint.fresh_start_if_damaged = False
+    # Resume from this intact checkpoint step instead of the newest (0: the newest). The newer steps are set
+    # aside as <step>.superseded (never deleted); a rerun with the same flag then goes on from the newest.
+    config.resume_from_step = 0
+
+    # Rollback on divergence (docs/training.md#rollback): a non-finite loss or gradient, or a loss spike (the
+    # loss above spike_factor x the median of the last spike_window steps' losses, and above spike_min_loss),
+    # restores the newest checkpoint at least steps_before steps before the parameters that gave the bad loss,
+    # skips the batches drawn since, multiplies the learning rate by lr_factor, and goes on; at most
+    # max_rollbacks times (0: stop at the first divergence). Checkpoints after the target are set aside as
+    # <step>.diverged. Besides checkpoint.keep and keep_best, the newest checkpoint at least steps_before
+    # steps older than the newest is kept: a target from before the trouble always exists.
+    config.rollback = ml_collections.ConfigDict()
+    config.rollback.max_rollbacks = 3
+    config.rollback.spike_factor = 3.0  # 0: non-finite losses only
+    config.rollback.spike_window = 100
+    config.rollback.spike_min_loss = 1.0  # a converged model's small losses vary by large factors
+    config.rollback.steps_before = 1
+    config.rollback.lr_factor = 1.0  # PaLM (Chowdhery et al. 2022, Sect. 5.1) kept the rate
+
+    # For tests and demonstrations only: the update on the at_batch-th batch drawn (counting from 1 over
+    # the whole run, skipped batches included) is made with the learning rate times lr_factor (0: never).
+    config.inject_spike = ml_collections.ConfigDict()
+    config.inject_spike.at_batch = 0
+    config.inject_spike.lr_factor = 1.0
 
     config.log_every_steps = 100
     # Per-layer statistics and the stall warning (vgg_jax/diagnostics.py; docs/training.md#diagnosing-a-stalled-run).

@@ -34,6 +34,7 @@ LAYERS = {
     "vgg_jax.diagnostics": 3,
     "vgg_jax.classifier": 3,
     "vgg_jax.convert": 3,
+    "vgg_jax.rollback": 3,
     "vgg_jax.evaluate": 4,
     "vgg_jax.predict": 4,
     "vgg_jax.zoo": 4,

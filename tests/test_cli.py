@@ -33,16 +33,72 @@ CONFIG_ERRORS = [
         "--config.mesh.grad_reduce_dtype='float32': computes each device's gradient apart, where vgg11_bn's batch "
         "normalisation would use per-device statistics",
     ),
+    # Issue 27, item 8.
+    ("--config.optimizer.learning_rate=inf", "--config.optimizer.learning_rate=inf: must be finite"),
+    ("--config.model.init_std=nan", "--config.model.init_std=nan: must be finite"),
+    ("--config.mesh.model=3", "--config.mesh.model=3: must divide model.fc_width=16"),
+    ("--config.mesh.model=16", "--config.mesh.model=16 does not divide the 1 devices: use one of 1."),
+    ("--config.data.eval_split=validation[:0]", "--config.data.eval_split='validation[:0]' holds no examples"),
+    ("--config.rollback.spike_factor=0.5", "--config.rollback.spike_factor=0.5: must be > 1"),
 ]
 
 
 @pytest.mark.parametrize("override, message", CONFIG_ERRORS)
-def test_bad_config_values_stop_before_anything_is_written(override, message, tmp_path):
+def test_bad_config_values_stop_before_anything_is_written(override, message, tmp_path, data_dir):
     workdir = tmp_path / "run"
     with pytest.raises(ConfigError) as e:
-        main.main([f"--workdir={workdir}", *TINY, *override.split()])
+        main.main([f"--workdir={workdir}", *TINY, f"--config.data.data_dir={data_dir}", *override.split()])
     assert message in str(e.value) and "\n" not in str(e.value)
     assert not workdir.exists()
+
+
+def _other(value, kind):
+    """A value of the field's type other than ``value``."""
+    if value is None:
+        return {int: 3, float: 0.5, str: "elsewhere"}[kind]
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    if isinstance(value, str):
+        return value + "x"
+    return tuple(_other(v, type(v)) for v in value)
+
+
+def _fields(config, prefix=""):
+    import ml_collections
+
+    for key in config.keys():
+        value = config[key]
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from _fields(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value, config.get_ref(key).get_type()
+
+
+def test_every_config_field_is_settable_from_the_command_line(tmp_path):
+    """Issue 27, item 5: each field of configs/default.py (training) and of the evaluation's --data and
+    --distributed is set from the command line to another value of its type (tuples as '(a, b)')."""
+    from configs import default
+    from vgg_jax import evaluate
+
+    commands = [
+        (main.define_flags, [f"--workdir={tmp_path}", "--config=configs/default.py"], "config", default.get_config()),
+        (evaluate.define_flags, [], "data", evaluate.default_data_config()),
+        (evaluate.define_flags, [], "distributed", evaluate.sharding.default_distributed_config()),
+    ]
+    checked = 0
+    for define, base, flag, config in commands:
+        for field, value, kind in _fields(config):
+            new = _other(value, kind)
+            text = repr(new) if isinstance(new, tuple) else str(new)
+            values, _ = cli.parse([*base, f"--{flag}.{field}={text}"], define, "prog")
+            got = getattr(values, flag)
+            for part in field.split("."):
+                got = got[part]
+            assert got == new, (field, got, new)
+            checked += 1
+    assert checked > 80
 
 
 def run_cli(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:

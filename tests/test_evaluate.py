@@ -364,3 +364,55 @@ def test_checkpoint_trained_on_two_devices(run):
     meta = ocp.StandardCheckpointer().metadata(checkpoints.find_checkpoint(run) / "state").item_metadata
     assert list(meta["params"]["fc8"]["bias"].sharding.shape) == [TRAINING_DEVICES, 1]
     assert jax.device_count() == 1
+
+
+def _demo_folder(root: Path, data_dir: str, classes: tuple[str, ...], per_class: int) -> Path:
+    """``root/{train,val}/<class>/`` with ``per_class`` demo validation images of each of ``classes``."""
+    import tensorflow_datasets as tfds
+
+    import ilsvrc_fixture as fx
+
+    cfg = data.default_data_config()
+    cfg.data_dir = data_dir
+    builder = data.sources.get_source(cfg).builder
+    files = collections.defaultdict(list)
+    for example in tfds.as_numpy(
+        builder.as_dataset(split="validation", decoders={"image": tfds.decode.SkipDecoding()})
+    ):
+        name = demo.CLASS_NAMES[int(example["label"])]
+        if name in classes and len(files[name]) < per_class:
+            files[name].append((f"{name}_{len(files[name])}.png", example["image"]))
+    fx.write_folder(str(root), {"train": dict(files), "val": dict(files)})
+    return root
+
+
+def test_a_folder_is_labelled_by_class_name_not_by_position(run, tmp_path, data_dir):
+    """Issue 27, item 6: the checkpoint's 10 classes as folders (sorted, so in another order than its own):
+    every prediction row names its folder's class, and the errors are counted against those labels."""
+    folder = _demo_folder(tmp_path / "pets", data_dir, demo.CLASS_NAMES, per_class=3)
+    assert sorted(demo.CLASS_NAMES) != list(demo.CLASS_NAMES)
+    where = [f"--data.folder={folder}", f"--data.data_dir={tmp_path / 'tfds'}", "--protocol=center", "--scales=36"]
+    where.append("--data.eval_split=validation")
+    csv_path = tmp_path / "p.csv"
+    report = evaluate.main([f"--checkpoint={run}", "--data.dataset=folder", *where, f"--predictions={csv_path}"])
+    rows = list(csv.DictReader(csv_path.open()))
+    assert len(rows) == 30 and report.results["images"] == 30
+    for r in rows:
+        assert r["label_name"] == r["file_name"].split("/")[1], r  # val/<class>/<file>
+        assert demo.CLASS_NAMES[int(r["label"])] == r["label_name"]
+    wrong = np.mean([r["top1"] != r["label"] for r in rows])
+    assert report.results["top1_error@36"] == pytest.approx(100 * wrong)
+
+
+def test_a_folder_of_other_classes_is_an_error(run, tmp_path, data_dir):
+    folder = _demo_folder(tmp_path / "three", data_dir, demo.CLASS_NAMES[:3], per_class=1)
+    for cls in demo.CLASS_NAMES[:2]:  # two classes renamed: names the checkpoint does not know
+        os.rename(folder / "train" / cls, folder / "train" / f"{cls}_renamed")
+        os.rename(folder / "val" / cls, folder / "val" / f"{cls}_renamed")
+    where = [f"--data.folder={folder}", f"--data.data_dir={tmp_path / 'tfds'}", "--protocol=center", "--scales=36"]
+    where.append("--data.eval_split=validation")
+    with pytest.raises(evaluate.ConfigError) as e:
+        evaluate.main([f"--checkpoint={run}", "--data.dataset=folder", *where])
+    message = str(e.value)
+    assert "\n" not in message and "(3 classes) are not those of" in message and "(10 classes)" in message
+    assert "'horizontal_stripes_renamed'" in message and "labels cannot be matched by name" in message

@@ -243,13 +243,14 @@ def test_nan_stops_at_the_step_and_a_lower_learning_rate_resumes_from_the_last_g
         "--config.num_train_steps=50",
         *steps,
         "--config.optimizer.learning_rate=1e12",
+        "--config.rollback.max_rollbacks=0",  # stop at once (docs/training.md#rollback)
         expect_ok=False,
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert last_line(proc).startswith("error: Non-finite loss or gradient at step")
     bad_step = int(last_line(proc).split("Non-finite loss or gradient at step ")[1].split()[0])
     good = int(checkpoints.find_checkpoint(tmp_path).name)
-    assert good < bad_step and f"The newest checkpoint, step {good}, is intact (its files match" in last_line(proc)
+    assert good < bad_step and f"A rerun resumes from step {good}, the newest intact" in last_line(proc)
     assert all(np.isfinite(v).all() for v in final_params(tmp_path).values())
     # The error's advice works: the lower rate applies to the resumed run.
     proc = run_main(tmp_path, data_dir, "--config.num_train_steps=8", *steps, "--config.optimizer.learning_rate=0.01")

@@ -18,7 +18,7 @@ from test_main import REPO, last_line, latest_step, logged, main_command, run_ma
 
 from vgg_jax import checkpoints, convert
 from vgg_jax.classifier import load
-from vgg_jax.errors import CheckpointError
+from vgg_jax.errors import CheckpointError, ConfigError
 
 STEPS = ["--config.checkpoint.every_steps=2", "--config.eval_every_steps=4"]
 
@@ -254,3 +254,132 @@ def test_a_second_run_on_a_workdir_is_refused_in_one_line_while_the_first_lives(
         line.startswith(f"error: A training run in {tmp_path} is already under way: ") and f" pid {first.pid} " in line
     )
     assert not list(tmp_path.glob("events.out.tfevents.*"))[1:]  # only the first run's
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedule changes and resume_from_step
+
+
+def cosine(lr: float, count: int, total: int) -> float:
+    """optax.warmup_cosine_decay_schedule(0, lr, 1, total) for count >= 1 (one warm-up step), in float64."""
+    return 0.5 * lr * (1 + np.cos(np.pi * (count - 1) / (total - 1)))
+
+
+def test_every_listed_schedule_change_applies_on_resume(four_steps, tmp_path, data_dir):
+    """Issue 27, items 4 and 5: constant -> cosine -> constant, each on resume; the optimizer state (its momentum
+    and step count) is carried into the new schedule's structure (constant -> step: the test below). The rate of
+    update n is the schedule at count n - 1; results.json holds the last update's. step_boundaries, a list
+    before, is set from the command line (every field: tests/test_cli.py)."""
+    workdir = copy_run(four_steps, tmp_path / "run")
+    cos = ["--config.optimizer.schedule=cosine", "--config.optimizer.warmup_steps=0"]
+    proc = run_main(workdir, data_dir, "--config.num_train_steps=6", *STEPS, *cos)
+    assert 'optimizer.schedule "constant" -> "cosine"' in proc.stderr and "at step 4" in proc.stderr
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["learning_rate"] == pytest.approx(cosine(0.02, 5, 6), rel=1e-5)
+    assert logged(workdir, "train/learning_rate")[6] == pytest.approx(cosine(0.02, 4, 6), rel=1e-5)
+    constant = ["--config.optimizer.learning_rate=0.01", "--config.optimizer.step_boundaries=(9,)"]
+    proc = run_main(workdir, data_dir, "--config.num_train_steps=8", *STEPS, *constant)
+    assert 'optimizer.schedule "cosine" -> "constant"' in proc.stderr and "at step 6" in proc.stderr
+    assert "optimizer.step_boundaries [185000, 277500, 333000] -> [9]" in proc.stderr
+    assert json.loads((workdir / "results.json").read_text())["learning_rate"] == pytest.approx(0.01)
+    assert logged(workdir, "train/learning_rate")[8] == pytest.approx(0.01)
+
+
+def test_the_optimizer_state_is_carried_into_another_schedule():
+    """The update count, momentum and rate carry over; a step-wise schedule continues from the update count."""
+    import jax.numpy as jnp
+
+    from configs import default
+    from vgg_jax import optim
+
+    config = default.get_config().optimizer
+    params = {"fc8": {"kernel": jnp.full((3,), 2.0), "bias": jnp.ones(2)}}
+    grads = {"fc8": {"kernel": jnp.asarray([1.0, -2.0, 3.0]), "bias": jnp.asarray([0.5, 0.25])}}
+    config.update(schedule="constant", learning_rate=0.1, warmup_steps=0)
+    tx = optim.make_optimizer(config, 10)
+    state = tx.init(params)
+    for _ in range(3):
+        _, state = tx.update(grads, state, params)
+    config.schedule = "cosine"
+    cos = optim.make_optimizer(config, 10)
+    adopted = optim.adopt_opt_state(state, cos.init(params))
+    assert int(adopted.count) == 3 and int(adopted.hyperparams_states["learning_rate"].count) == 3
+    trace = lambda s: s.inner_state[1][0].trace  # noqa: E731
+    np.testing.assert_array_equal(trace(adopted)["fc8"]["kernel"], trace(state)["fc8"]["kernel"])
+    updates, after = cos.update(grads, adopted, params)
+    assert float(optim.current_learning_rate(after)) == pytest.approx(cosine(0.1, 3, 10), rel=1e-5)
+    # SGD with momentum 0.9 and L2 decay 5e-4 on kernels, in float64: trace' = g + wd w + 0.9 trace.
+    g = np.asarray(grads["fc8"]["kernel"], np.float64) + 5e-4 * 2.0
+    expected = -cosine(0.1, 3, 10) * (g + 0.9 * np.asarray(trace(state)["fc8"]["kernel"], np.float64))
+    np.testing.assert_allclose(updates["fc8"]["kernel"], expected, rtol=1e-5)
+    config.schedule = "constant"
+    back = optim.adopt_opt_state(after, optim.make_optimizer(config, 10).init(params))
+    assert int(back.count) == 4 and back.hyperparams_states == {}
+    config.update(schedule="step", step_boundaries=(3,))  # the rate x decay_factor after update 3
+    step = optim.make_optimizer(config, 10)
+    _, stepped = step.update(grads, optim.adopt_opt_state(state, step.init(params)), params)
+    assert float(optim.current_learning_rate(stepped)) == pytest.approx(0.1 * 0.1)
+    config.trainable = "fc8"
+    with pytest.raises(ValueError, match="cannot carry the optimizer state over"):
+        optim.adopt_opt_state(state, optim.make_optimizer(config, 10).init(params))
+
+
+def test_resume_from_a_chosen_step(four_steps, tmp_path, data_dir):
+    from vgg_jax import main
+
+    from tiny_runs import TINY
+
+    workdir = copy_run(four_steps, tmp_path / "run")
+    in_process = [f"--workdir={workdir}", *TINY, f"--config.data.data_dir={data_dir}", *STEPS]
+    with pytest.raises(ConfigError, match=r"^--config.resume_from_step=3: .* has no step 3; its steps are 2, 4.$"):
+        main.main([*in_process, "--config.num_train_steps=6", "--config.resume_from_step=3"])
+    back = ["--config.num_train_steps=4", "--config.resume_from_step=2"]
+    proc = run_main(workdir, data_dir, *STEPS, *back)
+    assert "Resuming from step 2 (resume_from_step)" in proc.stderr and "Resumed from" in proc.stderr
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4", "4.superseded"]  # not deleted
+    assert checkpoints.read_meta(workdir / "checkpoints" / "4")["config"]["resume_from_step"] == 2
+    # The same command again goes on from the newest step, written after the rewind: here, nothing to do.
+    main.main([*in_process, *back])
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4", "4.superseded"]
+
+
+def test_the_resume_table_lists_the_fields_that_may_change():
+    """docs/training.md#resuming's first row names exactly the fields config_checks.RESUMABLE lets change."""
+    import re
+
+    from vgg_jax import config_checks
+
+    text = (REPO / "docs" / "training.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| `num_train_steps`;"))
+    fields = {f.removesuffix("*") for f in re.findall(r"`([a-z_.*]+)`", row.split(" | ")[0])}
+    assert fields == set(config_checks.RESUMABLE)
+
+
+def test_a_divergence_rollbacks_cannot_cure_stops_and_is_not_resumed_into(four_steps, tmp_path, data_dir):
+    """Issue 27, item 7: at a learning rate of 1e6, step 5's update is finite but blown up and saved
+    (checkpoint.every_steps=1); step 6's loss reveals it. That checkpoint is set aside (not kept as a rollback
+    target), the run rolls back once (rollback.max_rollbacks=1), stops in one line naming what it tried, and the
+    advised rerun at a lower rate resumes from step 4, from before the trouble."""
+    workdir = copy_run(four_steps, tmp_path / "run")
+    steps = ["--config.checkpoint.every_steps=1", "--config.rollback.max_rollbacks=1", "--config.eval_every_steps=4"]
+    proc = run_main(
+        workdir,
+        data_dir,
+        "--config.num_train_steps=12",
+        *steps,
+        "--config.optimizer.learning_rate=1e6",
+        expect_ok=False,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    line = last_line(proc)
+    assert line.startswith(("error: Non-finite loss or gradient at step 6", "error: Loss spike at step 6"))
+    assert "after 1 rollback(s) (step 6 -> 4 (2 batches skipped, lr x1))" in line
+    assert "checkpoints/5.diverged-1." in line and "A rerun resumes from step 4" in line
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2", "4", "5.diverged", "5.diverged-1"]
+    blown = checkpoints.restore_model(workdir / "checkpoints" / "5.diverged")[1]["params"]["fc8"]["kernel"]
+    assert np.abs(np.asarray(blown)).max() > 1e3
+    proc = run_main(workdir, data_dir, "--config.num_train_steps=6", *steps, "--config.optimizer.learning_rate=0.01")
+    assert "at step 4" in proc.stderr and "Rollback" not in proc.stderr
+    assert json.loads((workdir / "results.json").read_text())["step"] == 6
+    final = checkpoints.restore_model(workdir)[1]["params"]
+    assert all(np.abs(np.asarray(v)).max() < 10 for v in jax.tree.leaves(final))

@@ -226,7 +226,12 @@ def check_compatible(expected: Any, stored: Any, where: str) -> None:
     want, have = _leaves_by_path(expected), _leaves_by_path(stored)
     for key, leaf in want.items():
         if key not in have:
-            raise CheckpointError(f"Checkpoint {where} has no {key}: it was written for another model or optimizer.")
+            if key.startswith("opt_state/"):
+                raise CheckpointError(
+                    f"Checkpoint {where} has no {key}: its optimizer state is laid out for other optimizer settings "
+                    "(e.g. optimizer.trainable). Start a new run from its weights with --config.init_from."
+                )
+            raise CheckpointError(f"Checkpoint {where} has no {key}: it was written for another model.")
         if tuple(have[key].shape) != tuple(leaf.shape):
             raise CheckpointError(
                 f"Checkpoint {where} does not fit this model: {key} has shape {tuple(have[key].shape)} "
@@ -235,9 +240,8 @@ def check_compatible(expected: Any, stored: Any, where: str) -> None:
             )
     extra = sorted(set(have) - set(want))
     if extra:
-        raise CheckpointError(
-            f"Checkpoint {where} has {extra[0]} that this model lacks: another model was saved there."
-        )
+        what = "this run's optimizer state" if extra[0].startswith("opt_state/") else "this model"
+        raise CheckpointError(f"Checkpoint {where} has {extra[0]} that {what} lacks: it was saved by another setup.")
 
 
 @dataclasses.dataclass
@@ -257,6 +261,19 @@ class BestValidation:
         return [c.step in best for c in checkpoints]
 
 
+@dataclasses.dataclass
+class OlderBy:
+    """An orbax preservation policy: the newest step at least ``gap`` steps older than the newest step, so that a
+    rollback (docs/training.md#rollback) always finds a checkpoint from before the trouble (0: none kept)."""
+
+    gap: int
+
+    def should_preserve(self, checkpoints: Sequence[Any], *, context: Any) -> list[bool]:
+        newest = max((c.step for c in checkpoints), default=0)
+        older = max((c.step for c in checkpoints if c.step <= newest - self.gap), default=None) if self.gap else None
+        return [c.step == older for c in checkpoints]
+
+
 class Checkpointer:
     """A thin layer over ``ocp.CheckpointManager`` for the training loop. It holds the directory's lease
     (``LEASE``, vgg_jax.storage) from its creation to ``close``: a second run on the same workdir is refused."""
@@ -267,6 +284,7 @@ class Checkpointer:
         *,
         keep: int = 3,
         keep_best: int = 1,
+        keep_older_by: int = 0,
         async_save: bool = True,
         allow_unverified: bool = False,
         fresh_start_if_damaged: bool = False,
@@ -275,7 +293,8 @@ class Checkpointer:
         self.allow_unverified, self.fresh_start_if_damaged = allow_unverified, fresh_start_if_damaged
         self.lease = self._take_lease()  # before orbax cleans up or writes anything
         self.scores: dict[int, float] = {}  # step -> validation top-1 accuracy, for keep_best
-        policy = policies.AnyPreservationPolicy([policies.LatestN(n=keep), BestValidation(keep_best, self.scores)])
+        kept = [policies.LatestN(n=keep), BestValidation(keep_best, self.scores), OlderBy(keep_older_by)]
+        policy = policies.AnyPreservationPolicy(kept)
         options = ocp.CheckpointManagerOptions(
             create=True,
             enable_async_checkpointing=async_save,
@@ -338,13 +357,18 @@ class Checkpointer:
             logging.warning("Checkpoint step %d has no checksums: restoring it unverified, as allowed.", step)
         return step
 
-    def _set_aside(self, step: int, problems: list[str]) -> None:
-        aside = self.directory / f"{step}.damaged"
+    def _rename(self, step: int, suffix: str) -> epath.Path:
+        """Renames step ``step`` to ``<step>.<suffix>`` (``-<n>`` added if taken) on process 0."""
+        aside = self.directory / f"{step}.{suffix}"
         n = 1
         while aside.exists():
-            aside, n = self.directory / f"{step}.damaged-{n}", n + 1
+            aside, n = self.directory / f"{step}.{suffix}-{n}", n + 1
         if jax.process_index() == 0:
             (self.directory / str(step)).rename(aside)
+        return aside
+
+    def _set_aside(self, step: int, problems: list[str]) -> None:
+        aside = self._rename(step, "damaged")
         multihost_utils.sync_global_devices(f"vgg_jax set aside checkpoint {step}")
         logging.warning(
             "Checkpoint step %d is damaged (%s): set aside as %s; falling back to an earlier step.",
@@ -353,6 +377,16 @@ class Checkpointer:
             aside,
         )
         self.manager.reload()
+
+    def set_aside_after(self, step: int, suffix: str) -> list[epath.Path]:
+        """Renames every step after ``step`` to ``<step>.<suffix>`` (never deleted: a rollback's diverged steps,
+        those a run resumed before); returns their new paths."""
+        self.wait()
+        moved = [self._rename(s, suffix) for s in self.steps() if s > step]
+        if moved:
+            multihost_utils.sync_global_devices(f"vgg_jax set aside checkpoints after {step}")
+            self.manager.reload()
+        return moved
 
     def save(self, step: int, state: Any, data_state: Any, meta: dict[str, Any]) -> None:
         """Starts an (asynchronous) save of everything needed to resume at ``step``; logs its start, and its

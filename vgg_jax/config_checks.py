@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -41,6 +42,9 @@ RESUMABLE = (
     "eval_batch_size",
     "eval_every_steps",
     "checkpoint.",
+    "resume_from_step",
+    "rollback.",
+    "inject_spike.",
     "log_every_steps",
     "profile.",
     "diagnostics.",
@@ -109,9 +113,17 @@ def check_scales(scales: Any, crop_size: int, field: str = "data.eval_scales") -
     return values
 
 
+def _floats(value: Any) -> list[float]:
+    if isinstance(value, list):
+        return [f for v in value for f in _floats(v)]
+    return [value] if isinstance(value, float) else []
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Range, type and consistency checks of every field a run reads; ConfigError naming the field and the fix."""
     model, data, opt = config.model, config.data, config.optimizer
+    for field, value in flatten(config.to_dict()).items():
+        _check(all(map(math.isfinite, _floats(value))), field, value, "must be finite")
     try:
         models.canonical_name(model.name)
     except ValueError as e:
@@ -211,9 +223,39 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(diag.every_steps >= 0, "diagnostics.every_steps", diag.every_steps, "must be >= 0 (0: off)")
     _check(diag.stall_steps >= 0, "diagnostics.stall_steps", diag.stall_steps, "must be >= 0 (0: no stall warning)")
     _check(0 < diag.stall_margin < 1, "diagnostics.stall_margin", diag.stall_margin, "must be in (0, 1)")
+    _check(
+        model.fc_width % config.mesh.model == 0,
+        "mesh.model",
+        config.mesh.model,
+        f"must divide model.fc_width={model.fc_width} (fc6 and fc7 are split over it by output channel)",
+    )
+    _check(config.resume_from_step >= 0, "resume_from_step", config.resume_from_step, "must be >= 0 (0: the newest)")
+    _check_rollback(config)
     if config.reset_head and not config.init_from:
         _fail("reset_head", True, "replaces fc8 of the init_from run's parameters: set --config.init_from")
     preprocessing.InputConvention.from_data_config(data)  # mean/std/resize
+
+
+def _check_rollback(config: ml_collections.ConfigDict) -> None:
+    rb, spike = config.rollback, config.inject_spike
+    _check(rb.max_rollbacks >= 0, "rollback.max_rollbacks", rb.max_rollbacks, "must be >= 0 (0: stop at once)")
+    _check(
+        rb.spike_factor == 0 or rb.spike_factor > 1,
+        "rollback.spike_factor",
+        rb.spike_factor,
+        "must be > 1 (0: no spike rule, non-finite losses only)",
+    )
+    _check(rb.spike_window >= 1, "rollback.spike_window", rb.spike_window, "must be >= 1")
+    _check(rb.spike_min_loss >= 0, "rollback.spike_min_loss", rb.spike_min_loss, "must be >= 0")
+    _check(
+        rb.steps_before >= 1,
+        "rollback.steps_before",
+        rb.steps_before,
+        "must be >= 1 (the parameters of the step before a bad loss are the ones that gave it)",
+    )
+    _check(0 < rb.lr_factor <= 1, "rollback.lr_factor", rb.lr_factor, "must be in (0, 1]")
+    _check(spike.at_batch >= 0, "inject_spike.at_batch", spike.at_batch, "must be >= 0 (0: never)")
+    _check(spike.lr_factor > 0, "inject_spike.lr_factor", spike.lr_factor, "must be positive")
 
 
 # ----------------------------------------------------------------------------------------------

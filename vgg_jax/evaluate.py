@@ -155,6 +155,7 @@ class Member:
     variables: Any
     data_config: ml_collections.ConfigDict
     class_names: tuple[str, ...] = ()
+    label_map: np.ndarray | None = None  # the dataset's label -> the model's class index (None: the same)
 
 
 @dataclasses.dataclass
@@ -212,7 +213,8 @@ def run_pass(member: Member, method: str, scale: int, mesh: jax.sharding.Mesh, b
     def fetch(posteriors: jax.Array, local: dict[str, np.ndarray]) -> None:
         valid = local["valid"]
         names = np.asarray([n.decode() for n in local["file_name"][valid]], dtype=object)
-        collected.append((local["index"][valid], local["label"][valid], _local_rows(posteriors)[valid], names))
+        labels = local["label"][valid] if member.label_map is None else member.label_map[local["label"][valid]]
+        collected.append((local["index"][valid], labels, _local_rows(posteriors)[valid], names))
 
     from clu import periodic_actions  # noqa: PLC0415  (imports TensorFlow: not at import, for quiet CLIs)
 
@@ -489,8 +491,44 @@ def members_from_paths(
         if model.class_names != loaded[0].class_names:
             raise ConfigError(f"{paths[i]} predicts other classes than {paths[0]}: an ensemble needs the same classes.")
         name = f"{model.config.model.name}#{i}" if len(paths) > 1 else model.config.model.name
-        members.append(Member(name, model.apply_fn, model.variables, data_config, tuple(model.class_names)))
+        mapping = label_map(model.class_names, data_config, paths[i])
+        members.append(Member(name, model.apply_fn, model.variables, data_config, tuple(model.class_names), mapping))
     return members
+
+
+def label_map(model_names: Sequence[str], data_config: ml_collections.ConfigDict, where: str) -> np.ndarray | None:
+    """The evaluation dataset's labels as the model's class indices, matched by class name (None: the same
+    names in the same order). Every class of the dataset must be one of the model's (a subset is evaluated
+    over all the model's classes); a checkpoint that names no classes ("0", "1", ...) is matched by position
+    and needs the same count. ConfigError otherwise: scores against mismatched labels mean nothing."""
+    names = list(data.class_names(data_config))
+    model_names = list(model_names)
+    where = f"{where} ({len(model_names)} classes)"
+    there = f"{data_config.dataset} {data_config.eval_split} ({len(names)} classes)"
+    if model_names == names:
+        return None
+    if model_names == [str(i) for i in range(len(model_names))]:  # unnamed (converted without --class_names)
+        if len(names) != len(model_names):
+            raise ConfigError(
+                f"{where} names no classes and {there} has another class count, so labels cannot be matched. "
+                "Evaluate on data with the checkpoint's classes (or convert it with --class_names)."
+            )
+        logging.warning("%s names no classes: the labels of %s are taken by position.", where, there)
+        return None
+    index = {n: i for i, n in enumerate(model_names)}
+    missing = [n for n in names if n not in index]
+    if missing:
+        ours = ", ".join(map(repr, model_names[:3]))
+        raise ConfigError(
+            f"The class names of {there} are not those of {where}: {', '.join(map(repr, missing[:3]))} "
+            f"{'is' if len(missing) == 1 else 'are'} not among the checkpoint's ({ours}, ...), so labels cannot be "
+            "matched by name. Evaluate on data whose class folders are named as the checkpoint's classes."
+        )
+    if len(names) < len(model_names):
+        logging.warning("%s has %d of the classes of %s, matched by name.", there, len(names), where)
+    else:
+        logging.info("The labels of %s are matched to %s by class name (another order).", there, where)
+    return np.asarray([index[n] for n in names], np.int64)
 
 
 def parse_scales(text: str | None) -> tuple[int, ...] | None:

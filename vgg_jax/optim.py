@@ -15,9 +15,12 @@ import ml_collections
 import optax
 
 
-def learning_rate_schedule(config: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule | float:
-    """The step-wise part of the schedule (``plateau`` starts constant and is lowered on the host)."""
-    lr, kind = config.learning_rate, config.schedule
+def learning_rate_schedule(
+    config: ml_collections.ConfigDict, num_steps: int, scale: float = 1.0
+) -> optax.Schedule | float:
+    """The step-wise part of the schedule (``plateau`` starts constant and is lowered on the host), times
+    ``scale`` (the rollbacks' learning-rate factors)."""
+    lr, kind = config.learning_rate * scale, config.schedule
     if kind in ("plateau", "constant"):
         return lr
     if kind == "step":
@@ -66,8 +69,10 @@ def _decay_mask(params: Any, decay_biases: bool) -> Any:
     return jax.tree_util.tree_map_with_path(lambda path, _: decay_biases or path[-1].key == "kernel", params)
 
 
-def make_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> optax.GradientTransformation:
-    """SGD + momentum + L2 weight decay, with the learning rate injected as a hyperparameter."""
+def make_optimizer(
+    config: ml_collections.ConfigDict, num_steps: int, lr_scale: float = 1.0
+) -> optax.GradientTransformation:
+    """SGD + momentum + L2 weight decay, with the learning rate (times ``lr_scale``) injected as a hyperparameter."""
 
     def sgd(learning_rate):
         return optax.chain(
@@ -75,7 +80,7 @@ def make_optimizer(config: ml_collections.ConfigDict, num_steps: int) -> optax.G
             optax.sgd(learning_rate, momentum=config.momentum, nesterov=config.nesterov),
         )
 
-    tx = optax.inject_hyperparams(sgd)(learning_rate=learning_rate_schedule(config, num_steps))
+    tx = optax.inject_hyperparams(sgd)(learning_rate=learning_rate_schedule(config, num_steps, lr_scale))
     if config.trainable != ".*":
         tx = freeze_others(tx, config.trainable)
     return tx
@@ -113,6 +118,35 @@ def set_learning_rate(opt_state: Any, value: float) -> Any:
         return node._replace(hyperparams={**node.hyperparams, "learning_rate": new})
 
     return jax.tree_util.tree_map(replace, opt_state, is_leaf=_is_injected)
+
+
+def adopt_opt_state(restored: Any, template: Any) -> Any:
+    """``restored`` (a checkpoint's optimizer state, written under another schedule) in ``template``'s structure:
+    the update count, momentum and learning rate carried over. A step-wise schedule's own step count (absent
+    from the ``constant`` and ``plateau`` states, whose rate is a stored number) is set to the update count, so
+    the new schedule continues from the step. ``template``: the new optimizer's state, abstract (placed) or not.
+    ValueError if the states differ elsewhere (e.g. another ``trainable``)."""
+
+    def adopt(new: Any, old: Any) -> Any:
+        same = jax.tree_util.tree_structure(new.inner_state) == jax.tree_util.tree_structure(old.inner_state)
+        if not _is_injected(new) or not _is_injected(old) or not same:
+            raise ValueError("the optimizer states differ beyond the learning-rate schedule")
+
+        def count_like(leaf: Any) -> jax.Array:
+            sharding = getattr(leaf, "sharding", None)
+            return jax.jit(lambda c: c + 0, out_shardings=sharding)(old.count)  # a copy: no buffer held twice
+
+        return new._replace(
+            count=old.count,
+            hyperparams={**new.hyperparams, **old.hyperparams},
+            hyperparams_states=jax.tree_util.tree_map(count_like, new.hyperparams_states),
+            inner_state=old.inner_state,
+        )
+
+    try:
+        return jax.tree_util.tree_map(adopt, template, restored, is_leaf=_is_injected)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"cannot carry the optimizer state over: {e}") from None
 
 
 @dataclasses.dataclass

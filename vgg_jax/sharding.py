@@ -60,8 +60,12 @@ def initialize_distributed(config: Any) -> None:
 def make_mesh(model_axis: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A (data, model) mesh over all devices of all processes."""
     devices = list(devices if devices is not None else jax.devices())
-    if len(devices) % model_axis:
-        raise ValueError(f"model axis {model_axis} does not divide the {len(devices)} devices.")
+    if model_axis < 1 or len(devices) % model_axis:
+        divisors = [d for d in range(1, len(devices) + 1) if len(devices) % d == 0]
+        raise ConfigError(
+            f"--config.mesh.model={model_axis} does not divide the {len(devices)} devices: use one of "
+            f"{', '.join(map(str, divisors))}."
+        )
     grid = np.asarray(devices, dtype=object).reshape(len(devices) // model_axis, model_axis)
     return Mesh(grid, (DATA, MODEL))
 

@@ -28,11 +28,12 @@ from vgg_jax import (
     models,
     optim,
     preprocessing,
+    rollback,
     sharding,
     storage,
 )
 from vgg_jax.data.config import load_stats
-from vgg_jax.errors import ConfigError, TrainingDiverged
+from vgg_jax.errors import CheckpointError, ConfigError, TrainingDiverged
 from vgg_jax.train_step import TrainState, abstract_train_state, create_train_state, jit_train_step
 
 
@@ -147,8 +148,10 @@ def check_before_training(config: ml_collections.ConfigDict, mesh: jax.sharding.
     )
     sharding.log_batch(config.global_batch_size, mesh, "training batch")
     class_names = data.class_names(config.data)
-    data.num_examples(config.data, config.data.train_split)
-    data.num_examples(config.data, config.data.eval_split)  # the evaluation split exists
+    for field in ("train_split", "eval_split"):  # they exist and are not empty
+        split = config.data[field]
+        if not data.num_examples(config.data, split):
+            raise ConfigError(f"--config.data.{field}={split!r} holds no examples: choose a non-empty split.")
     return class_names
 
 
@@ -163,22 +166,99 @@ class Start:
 
 
 def start_or_resume(
-    config, model, tx, abstract: TrainState, shardings: Any, ckpt: checkpoints.Checkpointer, results_path: epath.Path
+    config,
+    model,
+    tx,
+    mesh: jax.sharding.Mesh,
+    abstract: TrainState,
+    shardings: Any,
+    ckpt: checkpoints.Checkpointer,
+    results_path: epath.Path,
 ) -> Start:
-    """A fresh state, or the newest intact checkpoint's state, iterator positions and schedule."""
-    latest = ckpt.latest_intact_step()
+    """A fresh state, or the resumed checkpoint's state, iterator positions and schedule."""
+    latest = resume_step(config, ckpt)
     if latest is None:
         return Start(create_state(config, model, tx, shardings), None, None, None)
     meta = checkpoints.read_meta(ckpt.directory / str(latest))
     _check_resume_changes(config, meta, ckpt.directory.parent)
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     if latest >= config.num_train_steps and results.get("step", 0) >= config.num_train_steps:
-        ckpt.check(latest, abstract)  # the same model?
+        ckpt.check(latest, _abstract_as_written(config, meta, model, mesh, abstract))  # the same model?
         logging.info("%s is already trained to step %d: nothing to do.", ckpt.directory, latest)
         return Start(None, None, None, results)
-    state, data_states, meta = ckpt.restore(latest, abstract)
+    state, data_states, meta = restore_step(ckpt, latest, config, model, mesh, abstract)
     logging.info("Resumed from %s at step %d", ckpt.directory, latest)
     return Start(state, data_states, meta, None)
+
+
+def resume_step(config: ml_collections.ConfigDict, ckpt: checkpoints.Checkpointer) -> int | None:
+    """The step a run resumes from: the newest intact one, or ``resume_from_step`` (the newer steps set aside as
+    ``<step>.superseded``). A checkpoint written after that very rewind (its config names the same step) wins."""
+    latest, wanted = ckpt.latest_intact_step(), config.resume_from_step
+    if not wanted:
+        return latest
+    if latest is None:
+        raise ConfigError(f"--config.resume_from_step={wanted}: {ckpt.directory} holds no intact checkpoint.")
+    if checkpoints.read_meta(ckpt.directory / str(latest)).get("config", {}).get("resume_from_step") == wanted:
+        logging.info("resume_from_step=%d was applied before step %d was written: resuming from it.", wanted, latest)
+        return latest
+    steps = ckpt.steps()
+    if wanted not in steps:
+        raise ConfigError(
+            f"--config.resume_from_step={wanted}: {ckpt.directory} has no step {wanted}; its steps are "
+            f"{', '.join(map(str, steps))}."
+        )
+    problems = checkpoints.verify_step(ckpt.directory / str(wanted))
+    if problems:
+        raise CheckpointError(
+            f"Checkpoint step {wanted} is damaged ({'; '.join(problems[:3])}): name another of the steps "
+            f"{', '.join(str(s) for s in steps if s != wanted)} in --config.resume_from_step."
+        )
+    moved = ckpt.set_aside_after(wanted, "superseded")
+    logging.warning(
+        "Resuming from step %d (resume_from_step); the newer steps are set aside: %s",
+        wanted,
+        ", ".join(str(p) for p in moved) or "none",
+    )
+    return wanted
+
+
+def restore_step(
+    ckpt: checkpoints.Checkpointer,
+    step: int,
+    config: ml_collections.ConfigDict,
+    model: models.VGG,
+    mesh: jax.sharding.Mesh,
+    abstract: TrainState,
+) -> tuple[TrainState, dict[int, Any], dict[str, Any]]:
+    """A checkpoint's state, iterator states and meta. An optimizer state written under another schedule (whose
+    state holds its own step count, or not) is carried into this run's optimizer (``optim.adopt_opt_state``)."""
+    written = _abstract_as_written(config, checkpoints.read_meta(ckpt.directory / str(step)), model, mesh, abstract)
+    state, data_states, meta = ckpt.restore(step, written)
+    if written is not abstract:
+        try:
+            opt_state = optim.adopt_opt_state(state.opt_state, abstract.opt_state)
+        except ValueError as e:
+            raise CheckpointError(
+                f"Checkpoint {ckpt.directory / str(step)}: {e}. Start a new run from its weights "
+                f"(--workdir=NEW --config.init_from={ckpt.directory.parent})."
+            ) from None
+        state = state.replace(tx=abstract.tx, opt_state=opt_state)
+    return state, data_states, meta
+
+
+def _abstract_as_written(
+    config: ml_collections.ConfigDict, meta: dict[str, Any], model: models.VGG, mesh: jax.sharding.Mesh, abstract: Any
+) -> TrainState:
+    """The abstract state of the optimizer settings a checkpoint was written with where its structure differs
+    from ``abstract`` (another schedule), else ``abstract``."""
+    stored = meta.get("config", {}).get("optimizer") or {}
+    opt = ml_collections.ConfigDict(config.optimizer.to_dict())
+    opt.update({k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k in opt})
+    tx = optim.make_optimizer(opt, config.num_train_steps)
+    written, _ = abstract_train_state(model, tx, mesh, config.mesh.model > 1)
+    same = jax.tree_util.tree_structure(written.opt_state) == jax.tree_util.tree_structure(abstract.opt_state)
+    return abstract if same else written
 
 
 def _check_resume_changes(config: ml_collections.ConfigDict, meta: dict[str, Any], workdir: epath.Path) -> None:
@@ -195,18 +275,23 @@ def _check_resume_changes(config: ml_collections.ConfigDict, meta: dict[str, Any
         logging.info("resuming with changes: %s", ", ".join(map(str, allowed)))
 
 
-def apply_learning_rate(state: TrainState, config: ml_collections.ConfigDict, plateau: optim.Plateau) -> TrainState:
-    """The learning rate the config asks for, written into a restored state whose rate lives in the optimizer
-    state (``constant``; ``plateau``: the base rate times decay_factor per decrease so far). The step-wise
-    schedules compute it from the step at every update."""
+def apply_learning_rate(
+    state: TrainState, config: ml_collections.ConfigDict, plateau: optim.Plateau, scale: float = 1.0
+) -> TrainState:
+    """The learning rate the config asks for, times ``scale`` (the rollbacks' factors), in a restored state. Where
+    the rate lives in the optimizer state (``constant``; ``plateau``: the base rate times decay_factor per
+    decrease so far) it is rewritten; the step-wise schedules compute it from the step at every update, so a
+    scale other than 1 gives the state an optimizer with the scaled schedule."""
     opt = config.optimizer
     if opt.schedule not in ("constant", "plateau"):
-        return state
-    want = opt.learning_rate * (opt.decay_factor**plateau.decreases if opt.schedule == "plateau" else 1.0)
+        return state if scale == 1.0 else state.replace(tx=optim.make_optimizer(opt, config.num_train_steps, scale))
+    want = scale * opt.learning_rate * (opt.decay_factor**plateau.decreases if opt.schedule == "plateau" else 1.0)
     have = float(optim.current_learning_rate(state.opt_state))
     if abs(have - want) <= 1e-7 * max(abs(want), 1e-30):
         return state
-    logging.info("learning rate %g -> %g (as configured)", have, want)
+    logging.info(
+        "learning rate %g -> %g (as configured%s)", have, want, ", times the rollbacks' factors" if scale != 1 else ""
+    )
     return state.replace(opt_state=optim.set_learning_rate(state.opt_state, want))
 
 
@@ -224,10 +309,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     config_checks.validate(config)  # before anything is read or written
     config = resolve(config)
     workdir = storage.path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    logging.info("workdir %s (checkpoints, TensorBoard events, results.json)", workdir)
     mesh = sharding.make_mesh(config.mesh.model)
     class_names = check_before_training(config, mesh)
+    workdir.mkdir(parents=True, exist_ok=True)
+    logging.info("workdir %s (checkpoints, TensorBoard events, results.json)", workdir)
     model = models.from_config(config.model, num_classes=len(class_names), crop_size=config.data.crop_size)
     tx = optim.make_optimizer(config.optimizer, config.num_train_steps)
     plateau = optim.Plateau(
@@ -236,10 +321,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         min_delta=config.optimizer.min_delta,
         max_decreases=config.optimizer.max_decreases,
     )
+    guard = rollback.Guard(config.rollback)
     ckpt = checkpoints.Checkpointer(
         workdir / "checkpoints",
         keep=config.checkpoint.keep,
         keep_best=config.checkpoint.keep_best,
+        keep_older_by=config.rollback.steps_before,  # a rollback's target always exists
         async_save=config.checkpoint.async_save,
         allow_unverified=config.checkpoint.allow_unverified,
         fresh_start_if_damaged=config.checkpoint.fresh_start_if_damaged,
@@ -247,7 +334,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     results_path = workdir / "results.json"
     abstract, shardings = abstract_train_state(model, tx, mesh, config.mesh.model > 1)
     try:
-        start = start_or_resume(config, model, tx, abstract, shardings, ckpt, results_path)
+        start = start_or_resume(config, model, tx, mesh, abstract, shardings, ckpt, results_path)
     except Exception:
         ckpt.close()
         raise
@@ -257,30 +344,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = start.state
     train_iter = data.create_train_iterator(config.data, global_batch_size=config.global_batch_size, seed=config.seed)
     pending_eval = False
+
+    def load_meta(meta: dict[str, Any]) -> None:
+        """The schedule and rollback state of a checkpoint (resumed, or rolled back to)."""
+        nonlocal state, pending_eval
+        plateau.load(meta["plateau"])
+        ckpt.scores.clear()
+        ckpt.scores.update({int(k): v for k, v in meta.get("scores", {}).items()})
+        pending_eval = bool(meta.get("pending_eval"))
+        state = apply_learning_rate(state, config, plateau, guard.lr_scale)
+
     if start.data_states is not None:
         relayout = train_iter.resume(start.data_states)
         if relayout:
             logging.warning("%s", relayout)
-        plateau.load(start.meta["plateau"])
-        ckpt.scores.update({int(k): v for k, v in start.meta.get("scores", {}).items()})
-        pending_eval = bool(start.meta.get("pending_eval"))
-        state = apply_learning_rate(state, config, plateau)
+        guard.load(start.meta)
+        load_meta(start.meta)
     start_step = int(state.step)
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     if start_step == 0:
         parameter_overview.log_parameter_overview(state.params)
         writer.write_hparams(_flat_config(config))
-    hooks: list[Any] = []
-    if jax.process_index() == 0:
-        hooks.append(periodic_actions.ReportProgress(num_train_steps=config.num_train_steps, writer=writer))
-        if config.profile.start_step >= 0:
-            hooks.append(
-                periodic_actions.Profile(
-                    logdir=str(workdir),
-                    first_profile=config.profile.start_step,
-                    num_profile_steps=config.profile.num_steps,
-                )
-            )
+    hooks = _hooks(config, workdir, writer)
     step_fn = jit_train_step(
         shardings, sharding.batch_sharding(mesh), config.grad_accum_steps, config.mesh.grad_reduce_dtype
     )
@@ -297,6 +382,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             "class_names": class_names,
             "scores": {str(k): v for k, v in ckpt.scores.items()},
             "pending_eval": before_eval,  # saved before this step's evaluation: a resume evaluates first
+            **guard.state(),  # the recent losses and the rollbacks so far
         }
         ckpt.save(step, state, train_iter.get_state(), meta)
 
@@ -318,30 +404,80 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             state = plateau_update(state, plateau, top1, step)
         return results
 
+    def roll_back(trouble: rollback.Trouble, drawn: int) -> int:
+        """Back to the newest intact checkpoint from before ``trouble`` (the initial state if none), the
+        iterator left where it is, so that the batches drawn since are skipped; returns its step. After
+        ``rollback.max_rollbacks`` rollbacks: TrainingDiverged."""
+        nonlocal state
+        aside = ckpt.set_aside_after(rollback.last_good_step(trouble, config.rollback.steps_before), "diverged")
+        target = ckpt.latest_intact_step() or 0
+        if len(guard.rollbacks) >= config.rollback.max_rollbacks:
+            raise TrainingDiverged(_diverged_message(trouble, guard, aside, target))
+        if target:
+            state, _, meta = restore_step(ckpt, target, config, model, mesh, abstract)
+        else:
+            state = create_state(config, model, tx, shardings)
+            meta = {"plateau": optim.Plateau().state(), "scores": {}}
+        guard.load({**meta, "rollbacks": guard.rollbacks})
+        entry = guard.record(trouble, target, drawn)
+        load_meta(meta)
+        logging.warning(
+            "Rollback %d of %d: %s; restored %s, skipping the %d batches drawn since (learning rate x%g)%s.",
+            len(guard.rollbacks),
+            config.rollback.max_rollbacks,
+            trouble,
+            f"step {target}" if target else "the initial state (no checkpoint from before the trouble)",
+            entry["skipped"],
+            entry["lr_factor"],
+            f"; set aside {', '.join(p.name for p in aside)}" if aside else "",
+        )
+        writer.write_scalars(trouble.step, {"train/rollbacks": len(guard.rollbacks), "train/rollback_to": target})
+        return target
+
     train_metrics, last_eval, pending, started = None, None, None, time.time()
     step = start_step
+    drawn = first_drawn = step + guard.skipped  # batches drawn from the iterator over the whole run
+    spike = config.inject_spike
     try:
         if pending_eval:  # the checkpoint was saved before its evaluation: evaluate it now
-            last_eval = run_eval(step)
+            last_eval, pending_eval = run_eval(step), False
         while step < config.num_train_steps:
             local = throughput.next_batch(train_iter)
+            drawn += 1
             batch = sharding.to_global({"image": local["image"], "label": local["label"]}, mesh)
             if config.diagnostics.every_steps and step % config.diagnostics.every_steps == 0:
                 writer.write_scalars(step, {f"diag/{k}": v for k, v in stats_fn(state, batch).items()})
-            compiling = step == start_step
+            before = state.params if drawn == spike.at_batch else None
+            if before is not None:
+                before = jax.tree_util.tree_map(jnp.copy, before)  # the step donates the state
+            compiling = drawn == first_drawn + 1
             if compiling:
                 logging.info("step %d: compiling the train step", step + 1)
                 compile_started = time.perf_counter()
             state, step_metrics = step_fn(state, batch)
             if compiling:
                 logging.info("train step compiled in %.1f s", time.perf_counter() - compile_started)
+            if before is not None:
+                params = rollback.spiked(before, state.params, spike.lr_factor, shardings.params)
+                state = state.replace(params=params)
+                logging.warning("inject_spike: batch %d's update made at %g x the rate", drawn, spike.lr_factor)
             step += 1
             ckpt.report_saved()
-            # Checked one step late, so the host never waits for the device here; no checkpoint is
-            # written before its step's check (below).
-            if pending is not None:
-                _check_finite(*pending, ckpt)
-            pending = (step, step_metrics)
+            preempted = preemption.reached(step, ckpt.manager)
+            evaluating = not preempted and (step % config.eval_every_steps == 0 or step == config.num_train_steps)
+            saving = evaluating or preempted or step % config.checkpoint.every_steps == 0
+            # Checked one step late, so the host never waits for the device here; a step to be saved is checked
+            # at once: no checkpoint is written before its step's check.
+            trouble, pending = (guard.check(*pending) if pending else None), (step, step_metrics)
+            if trouble is None and saving:
+                trouble, pending = guard.check(*pending), None
+            if trouble is not None:
+                step = roll_back(trouble, drawn)
+                train_metrics, pending, hooks = None, None, _hooks(config, workdir, writer)
+                if pending_eval:  # as on resume: the target was saved before its evaluation
+                    last_eval = run_eval(step)
+                throughput.reset()
+                continue
             train_metrics = step_metrics if train_metrics is None else train_metrics.merge(step_metrics)
             for hook in hooks:
                 hook(step)
@@ -351,10 +487,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 stall.update(step, float(scalars["loss"]), lambda: stats_fn(state, batch))
                 throughput.report(step, writer)
                 train_metrics = None
-            preempted = preemption.reached(step, ckpt.manager)
-            evaluating = not preempted and (step % config.eval_every_steps == 0 or step == config.num_train_steps)
-            if evaluating or preempted or step % config.checkpoint.every_steps == 0:
-                _check_finite(*pending, ckpt)
+            if saving:
                 save(step, before_eval=evaluating)  # before the evaluation: no evaluation error loses training
             if evaluating:
                 last_eval = run_eval(step)
@@ -376,13 +509,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "model": config.model.name,
         "dataset": f"{config.data.dataset} {config.data.eval_split}",
         "train_seconds": round(seconds, 1),
-        "images_per_second": round((step - start_step) * config.global_batch_size / max(seconds, 1e-9), 1),
+        "images_per_second": round((drawn - first_drawn) * config.global_batch_size / max(seconds, 1e-9), 1),
         **(last_eval or {}),
         "learning_rate": float(optim.current_learning_rate(state.opt_state)),  # the final one, for a resume
+        **({"rollbacks": len(guard.rollbacks)} if guard.rollbacks else {}),
     }
     if jax.process_index() == 0:
         results_path.write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _hooks(config: ml_collections.ConfigDict, workdir: epath.Path, writer: Any) -> list[Any]:
+    """Progress report and profiler (process 0); made afresh after a rollback, as their steps go back."""
+    if jax.process_index() != 0:
+        return []
+    hooks: list[Any] = [periodic_actions.ReportProgress(num_train_steps=config.num_train_steps, writer=writer)]
+    if config.profile.start_step >= 0:
+        hooks.append(
+            periodic_actions.Profile(
+                logdir=str(workdir), first_profile=config.profile.start_step, num_profile_steps=config.profile.num_steps
+            )
+        )
+    return hooks
 
 
 class Throughput:
@@ -440,25 +588,20 @@ class Throughput:
         self.reset()
 
 
-def _check_finite(step: int, step_metrics: Any, ckpt: checkpoints.Checkpointer) -> None:
-    if float(step_metrics.finite.total) >= 1.0:
-        return
-    ckpt.wait()
-    steps = ckpt.steps()
-    if not steps:
-        where = "No checkpoint was written yet: the rerun starts afresh."
-    else:
-        problems = checkpoints.verify_step(ckpt.directory / str(steps[-1]))
-        where = (
-            f"The newest checkpoint, step {steps[-1]}, is intact (its files match their checksums): a rerun "
-            "resumes from it."
-            if not problems
-            else f"The newest checkpoint, step {steps[-1]}, is damaged ({'; '.join(problems[:2])}): a rerun sets it "
-            "aside and resumes from the newest intact one."
-        )
-    raise TrainingDiverged(
-        f"Non-finite loss or gradient at step {step} (that update was not applied). {where} Lower the learning "
-        "rate (--config.optimizer.learning_rate=...; it applies on resume) or check the data, then rerun."
+def _diverged_message(trouble: rollback.Trouble, guard: rollback.Guard, aside: list[epath.Path], target: int) -> str:
+    """One line: what went wrong, what was tried, which checkpoints were set aside, where a rerun resumes."""
+    what = str(trouble)
+    tried = f" after {len(guard.rollbacks)} rollback(s) ({'; '.join(map(rollback.describe, guard.rollbacks))})"
+    moved = f" Set aside as written after the trouble began: {', '.join(str(p) for p in aside)}." if aside else ""
+    where = (
+        f"A rerun resumes from step {target}, the newest intact checkpoint from before the trouble."
+        if target
+        else "No checkpoint from before the trouble remains: a rerun starts afresh."
+    )
+    return (
+        f"{what[:1].upper()}{what[1:]}{tried if guard.rollbacks else ''}.{moved} {where} Lower the learning rate "
+        "(--config.optimizer.learning_rate=...; it applies on resume), check the data, or allow more rollbacks "
+        "(--config.rollback.max_rollbacks), then rerun."
     )
 
 

@@ -180,9 +180,37 @@ MUTANTS = [
     Mutant(
         "resume_ignores_new_learning_rate",
         TR,
-        "state = apply_learning_rate(state, config, plateau)",
+        "state = apply_learning_rate(state, config, plateau, guard.lr_scale)",
         "pass",
         ("tests/test_resume.py", "-k", "learning_rate"),
+    ),
+    Mutant(
+        "rollback_to_the_suspect_step",
+        "vgg_jax/rollback.py",
+        "return trouble.step - 1 - steps_before",
+        "return trouble.step - steps_before",
+        ("tests/test_resume.py", "-k", "cannot_cure"),
+    ),
+    Mutant(
+        "rollback_rewinds_the_iterator",
+        TR,
+        "state, _, meta = restore_step(ckpt, target, config, model, mesh, abstract)",
+        "state, ds, meta = restore_step(ckpt, target, config, model, mesh, abstract); train_iter.resume(ds)",
+        ("tests/test_rollback.py", "-k", "past_its_batches"),
+    ),
+    Mutant(
+        "new_schedule_resets_momentum",
+        OPT,
+        "inner_state=old.inner_state,",
+        "inner_state=new.inner_state,",
+        ("tests/test_resume.py", "-k", "carried"),
+    ),
+    Mutant(
+        "labels_by_position",
+        E,
+        'labels = local["label"][valid] if member.label_map is None else member.label_map[local["label"][valid]]',
+        'labels = local["label"][valid]',
+        ("tests/test_evaluate.py", "-k", "folder"),
     ),
     Mutant(
         "iterator_not_restored",
