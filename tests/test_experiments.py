@@ -1012,7 +1012,7 @@ def test_a_detached_tpu_job_is_stopped_with_sigterm_and_says_so(tmp_path):
 
 def test_tpu_dry_run_shows_what_every_worker_runs_where_it_logs_and_how_to_stop_it(tmp_path, capsys):
     args = ["--config=configs/paper.py:D,256,tpu", "--mode=tpu", "--tpu=pod", "--zone=z", "--root=gs://b/runs"]
-    launch.main([*args, "--dry_run"])
+    launch.main([*args, "--dry_run", "--skip_preflight"])
     out = capsys.readouterr().out
     workdir = "gs://b/runs/paper-D-256-tpu"
     lines = out.splitlines()
