@@ -38,6 +38,11 @@ def run_main(workdir: Path, data_dir: str, *overrides: str, expect_ok: bool = Tr
     return proc
 
 
+def step_folders(workdir: Path) -> list[str]:
+    """The names in ``workdir/checkpoints`` other than the run's lease (vgg_jax.checkpoints.LEASE)."""
+    return sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name != checkpoints.LEASE)
+
+
 def final_params(workdir: Path) -> dict[str, np.ndarray]:
     variables = checkpoints.restore_model(workdir)[1]
     flat = {}

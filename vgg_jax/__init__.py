@@ -6,7 +6,11 @@ config, does not import orbax or TensorFlow.
 
 from typing import Any
 
-from vgg_jax.models import MODELS, PAPER_NAMES, VGG, get_model
+from vgg_jax import cli
+
+cli.import_jax()  # before the first `import jax` below: without the CUDA plugin's start-up noise on a CPU machine
+
+from vgg_jax.models import MODELS, PAPER_NAMES, VGG, get_model  # noqa: E402
 
 __all__ = ["MODELS", "PAPER_NAMES", "VGG", "get_model", "load"]
 

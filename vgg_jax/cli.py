@@ -6,6 +6,7 @@ docs/training.md#command-line
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging as std_logging
 import os
 import re
@@ -161,7 +162,14 @@ class _Quiet(std_logging.Filter):
 
 
 # Lines TensorFlow's C++ start-up writes straight to stderr, before any log level applies.
-TENSORFLOW_BANNER = ("All log messages before absl::InitializeLog()", "oneDNN custom operations are on")
+TENSORFLOW_BANNER = (
+    "All log messages before absl::InitializeLog()",
+    "oneDNN custom operations are on",
+    "Could not find cuda drivers on your machine",
+)
+# What JAX's CUDA plugin logs from C++, three times, while jax is imported on a machine without an NVIDIA driver
+# (the `cuda` extra, installed there for deviceless GPU compiles: vgg_jax.preflight); the plugin then steps aside.
+CUDA_STUB_NOISE = ("All log messages before absl::InitializeLog()", "Could not find cuda drivers on your machine")
 
 
 @contextlib.contextmanager
@@ -182,6 +190,17 @@ def stderr_without(noise: Sequence[str]):
             lines = captured.read().decode(errors="replace").splitlines(keepends=True)
             sys.stderr.write("".join(line for line in lines if not any(n in line for n in noise)))
             sys.stderr.flush()
+
+
+def import_jax() -> None:
+    """``import jax`` without ``CUDA_STUB_NOISE`` where JAX's CUDA plugin is installed but no NVIDIA driver is
+    (a no-op once jax is imported, and elsewhere)."""
+    if "jax" in sys.modules or has_nvidia_driver() or importlib.util.find_spec("jax_cuda12_plugin") is None:
+        import jax  # noqa: F401, PLC0415
+
+        return
+    with stderr_without(CUDA_STUB_NOISE):
+        import jax  # noqa: F401, PLC0415
 
 
 def import_tensorflow() -> Any:
