@@ -10,18 +10,26 @@ import json
 import platform
 import re
 import sys
-from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
 from experiments.status import read_scalars
+from vgg_jax import cli, storage
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("out", None, "Append one JSON line per finished run not yet in this file.")
-flags.DEFINE_string("band", None, "LO1,HI1,LO5,HI5: the documented band of top-1 and top-5 error (percent).")
-flags.DEFINE_float("chance_top1", 90.0, "Top-1 error of chance (percent): 90 for 10 classes.")
-flags.DEFINE_float("margin", 10.0, "A run left chance when its final top-1 error is at least this far below chance.")
-flags.DEFINE_string("label", "", "Names the software stack of the runs (e.g. pinned-py3.11).")
+
+def define_flags(values: flags.FlagValues, argv: list[str]) -> None:
+    flags.DEFINE_string("out", None, "Append one JSON line per finished run not yet in this file.", flag_values=values)
+    flags.DEFINE_string(
+        "band", None, "LO1,HI1,LO5,HI5: the documented band of top-1 and top-5 error (percent).", flag_values=values
+    )
+    flags.DEFINE_float("chance_top1", 90.0, "Top-1 error of chance (percent): 90 for 10 classes.", flag_values=values)
+    flags.DEFINE_float(
+        "margin",
+        10.0,
+        "A run left chance when its final top-1 error is at least this far below chance.",
+        flag_values=values,
+    )
+    flags.DEFINE_string("label", "", "Names the software stack of the runs (e.g. pinned-py3.11).", flag_values=values)
 
 
 def stack() -> dict[str, str]:
@@ -37,7 +45,7 @@ def stack() -> dict[str, str]:
     }
 
 
-def run_record(root: Path, run: dict) -> dict | None:
+def run_record(root, run: dict) -> dict | None:
     """The outcome of one finished run of the sweep under ``root``; None while it is unfinished."""
     workdir = root / run["name"]
     results = workdir / "results.json"
@@ -63,29 +71,38 @@ def run_record(root: Path, run: dict) -> dict | None:
     }
 
 
-def main(argv: list[str]) -> None:
-    roots = [Path(a).resolve() for a in argv[1:]]
+def main(argv: list[str] | None = None) -> None:
+    """``python -m benchmarks.leave_chance ROOT... [--band=LO1,HI1,LO5,HI5] [--out=FILE.jsonl]``: per configuration of
+    the launched sweeps under the ROOTs (local or gs://), how many finished runs left chance and reached the band."""
+    values, args = cli.parse(argv, define_flags, "python -m benchmarks.leave_chance", main.__doc__)
+    roots = [storage.path(a) for a in args]
     if not roots:
-        raise app.UsageError("name one or more sweep roots (the --root of experiments.launch)")
-    band = [float(x) for x in FLAGS.band.split(",")] if FLAGS.band else None
+        cli.fail("name one or more sweep roots (the --root of experiments.launch) after the flags.")
+    band = re.fullmatch(r"([\d.]+),([\d.]+),([\d.]+),([\d.]+)", values.band) if values.band else None
+    if values.band and not band:
+        cli.fail(f"--band={values.band}: expected four numbers, LO1,HI1,LO5,HI5 (e.g. --band=20,60,0,10).")
+    band = [float(x) for x in band.groups()] if band else None
+    for root in roots:
+        if not (root / "sweep.json").exists():
+            cli.fail(f"{root} holds no sweep.json: name the --root of python -m experiments.launch.")
     seen = set()
-    out = Path(FLAGS.out) if FLAGS.out else None
+    out = storage.path(values.out) if values.out else None
     if out and out.exists():
         seen = {(r["root"], r["run"]) for r in map(json.loads, out.read_text().splitlines())}
-    versions = {"label": FLAGS.label, **stack()}
+    versions = {"label": values.label, **stack()}
     rows = []
     for root in roots:
         for run in json.loads((root / "sweep.json").read_text())["sweep"]["runs"]:
             record = run_record(root, run)
             if record is None:
                 continue
-            record |= {"left_chance": record["top1"] <= FLAGS.chance_top1 - FLAGS.margin, "stack": versions}
+            record |= {"left_chance": record["top1"] <= values.chance_top1 - values.margin, "stack": versions}
             if band:
                 record["in_band"] = band[0] <= record["top1"] <= band[1] and band[2] <= record["top5"] <= band[3]
             rows.append(record)
             if out and (record["root"], record["run"]) not in seen:
-                with out.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
+                text = out.read_text() if out.exists() else ""  # appended by rewriting: a gs:// object has no append
+                out.write_text(text + json.dumps(record) + "\n")
     by_net = collections.defaultdict(list)
     for r in rows:
         by_net[r["net"]].append(r)
@@ -106,4 +123,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

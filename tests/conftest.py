@@ -28,7 +28,7 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _JIT_CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
-from tiny_runs import TINY_TRAINING, TRAINING_DEVICES  # noqa: E402
+from tiny_runs import TINY_TRAINING, TRAINING_DEVICES, user_env  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,8 +48,7 @@ def data_dir(tmp_path_factory) -> str:
 def run(tmp_path_factory, data_dir) -> Path:
     """The workdir of the tiny run, trained with 2 CPU devices in a subprocess; its log is ``../main.log``."""
     workdir = tmp_path_factory.mktemp("vgg_jax_tiny_run") / "workdir"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={TRAINING_DEVICES}"
+    env = user_env(XLA_FLAGS=f"--xla_force_host_platform_device_count={TRAINING_DEVICES}")
     cmd = [
         sys.executable,
         "-m",

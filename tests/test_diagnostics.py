@@ -104,6 +104,12 @@ def test_stall_watch_is_silent_while_learning_or_far_from_chance():
     late = _watch()
     for step in range(5, 101, 5):
         assert not late.update(step, math.log(10) if step < 25 else 2.0, _stats)
+    # A loss falling through chance (2.6 -> 2.0 over the window, as a tiny net memorising a few images from
+    # large initial logits) averages near ln 10 but is learning: no warning; it is warned once the fall stops.
+    falling = _watch(warmup=0, schedule="constant")
+    assert not any(falling.update(s, 2.6 - 0.03 * s, _stats) for s in range(1, 21))
+    warned = [s for s in range(21, 61) if falling.update(s, math.log(10), _stats)]
+    assert len(warned) == 1 and 30 < warned[0] <= 40, warned  # once the window is mostly at chance
     # warm-up counts for the cosine schedule only: a constant schedule is checked from stall_steps on.
     assert [s for s in range(5, 41, 5) if constant_schedule.update(s, math.log(10), _stats)] == [20]
 

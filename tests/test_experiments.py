@@ -1123,3 +1123,38 @@ def test_the_local_launcher_echoes_a_running_jobs_progress(tmp_path):
         echoed = []
         assert launch._wait_reporting(proc, log, echoed.append, "[1/1] job", every=0.2) == 0
     assert echoed and echoed[0].startswith("[1/1] job: 1.0 steps/s, 50.0% (2/4)")
+
+
+def test_leave_chance_counts_runs_per_configuration_and_appends_each_once(tmp_path, capsys):
+    """benchmarks/leave_chance.py on a sweep root as experiments.launch leaves it (sweep.json, each run's
+    results.json, logs/RUN.log): which runs left chance (top-1 error >= 10 points below 90%), which are in the band."""
+    from benchmarks import leave_chance
+
+    runs = {
+        "A-seed0": (40.0, 5.0, ""),
+        "A-seed1": (85.0, 45.0, "W... stalled at chance: ..."),
+        "B-seed0": (55.0, 12.0, ""),
+    }
+    sweep = {"runs": [{"name": n, "net": n[0], "seed": int(n[-1])} for n in runs] + [{"name": "B-seed1", "net": "B"}]}
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "sweep.json").write_text(json.dumps({"sweep": sweep}))
+    for name, (top1, top5, log) in runs.items():
+        (tmp_path / name).mkdir()
+        result = {"step": 600, "model": "vgg11", "top1_error@168": top1, "top5_error@168": top5, "train_seconds": 9}
+        (tmp_path / name / "results.json").write_text(json.dumps(result))
+        (tmp_path / "logs" / f"{name}.log").write_text(log)
+    out = tmp_path / "m.jsonl"
+    for _ in range(2):  # the second pass finds every run in --out already
+        leave_chance.main([str(tmp_path), "--band=20,60,0,10", f"--out={out}"])
+    table = capsys.readouterr()
+    assert "| A | 2 | 1 | 1 | 40.0-85.0 | 1 |" in table.out and "| B | 1 | 1 | 0 | 55.0-55.0 | 0 |" in table.out
+    assert "outside the target: A-seed1, B-seed0" in table.err
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["run"], r["left_chance"], r["in_band"], r["stall_warning"]) for r in records] == [
+        ("A-seed0", True, True, False),
+        ("A-seed1", False, False, True),
+        ("B-seed0", True, False, False),
+    ]
+    with pytest.raises(SystemExit) as e:
+        leave_chance.main([str(tmp_path), "--band=20,60"])
+    assert e.value.code == 2

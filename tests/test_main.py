@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -299,6 +300,9 @@ def test_loss_falls_on_the_builtin_data(tmp_path, data_dir):
         "--config.log_every_steps=10",
         "--config.optimizer.learning_rate=0.01",
         "--config.model.dropout_rate=0.0",
+        # 32 images, whole transform: the tiny net memorises them within 60 steps, so its loss leaves chance (on
+        # all 2,000 it was still at chance after 120 steps, measured)
+        "--config.data.train_split=train[:32]",
         "--config.diagnostics.stall_steps=20",  # checked from step 20 on: a learning run is not reported
     )
     assert "stalled at chance" not in proc.stderr  # tests/test_diagnostics.py: a run that cannot learn is
@@ -309,7 +313,7 @@ def test_loss_falls_on_the_builtin_data(tmp_path, data_dir):
                 if value.tag == "train/loss":
                     losses[event.step] = float(tf.make_ndarray(value.tensor))
     assert sorted(losses) == [10, 20, 30, 40, 50, 60]
-    assert losses[60] < losses[10] - 0.1, losses
+    assert losses[60] < losses[10] - 0.2 and min(losses[50], losses[60]) < math.log(10) - 0.15, losses
 
 
 def test_two_process_training_resumes_on_one_process_and_back(tmp_path, data_dir):

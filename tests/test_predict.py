@@ -16,6 +16,8 @@ from PIL import Image
 from vgg_jax import predict
 from vgg_jax.errors import UserError
 
+from tiny_runs import user_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -98,7 +100,7 @@ def test_stdout_without_out_and_user_errors(clf, photos, capsys):
 
 def test_the_command_streams_quiet_progress_and_writes_the_csv(run, photos, tmp_path):
     """As a user runs it: no TensorFlow banner, no orbax lines, our progress lines; a glob; the CSV file."""
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "VGG_JAX_VERBOSE")}
+    env = user_env()
     out = tmp_path / "preds.csv"
     proc = subprocess.run(
         [sys.executable, "-m", "vgg_jax.predict", f"--checkpoint={run}", str(photos / "*.jpg"), f"--out={out}"],

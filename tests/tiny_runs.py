@@ -3,6 +3,7 @@ data (the real demo data through the paper's whole transform at reduced sizes: a
 seconds), a random "converted" checkpoint, and a free loopback port for multi-process runs.
 """
 
+import os
 import socket
 
 TINY = [
@@ -60,3 +61,10 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def user_env(**extra: str) -> dict[str, str]:
+    """The environment of a command as a user runs it: without the settings the test session adds
+    (JAX_PLATFORMS=cpu, XLA_FLAGS, VGG_JAX_VERBOSE; tests/conftest.py), plus ``extra``."""
+    dropped = ("JAX_PLATFORMS", "XLA_FLAGS", "VGG_JAX_VERBOSE")
+    return {k: v for k, v in os.environ.items() if k not in dropped} | extra

@@ -97,7 +97,8 @@ class StallWatch:
 
     ``update`` takes each logging interval's mean training loss; from step ``warmup_steps + stall_steps``
     on, when the losses logged over the last ``stall_steps`` steps average within ``stall_margin``
-    (relative) of ln(num_classes), one warning line names the likely causes and the statistics
+    (relative) of ln(num_classes) and are not falling (the later half of those steps no lower, by that margin,
+    than the earlier), one warning line names the likely causes and the statistics
     (``layer_statistics`` of the current state) that show which applies.
     """
 
@@ -110,6 +111,15 @@ class StallWatch:
         self.history: list[tuple[int, float]] = []
         self.warned = False
 
+    def _falling(self) -> bool:
+        """Whether the window's later half averages more than ``margin`` below its earlier half: a loss on its
+        way down through chance (from large initial logits) averages near ln(C) without being stalled."""
+        half = len(self.history) // 2
+        if half == 0:
+            return False
+        early, late = [v for _, v in self.history[:half]], [v for _, v in self.history[-half:]]
+        return sum(late) / half < sum(early) / half - self.margin
+
     def update(self, step: int, loss: float, statistics: Callable[[], Mapping[str, Any]]) -> bool:
         """Records ``loss`` at ``step``; True (and the warning logged) the first time the run is stalled."""
         if self.warned or self.steps <= 0:
@@ -118,7 +128,7 @@ class StallWatch:
         if step < self.start:
             return False
         mean = sum(v for _, v in self.history) / len(self.history)
-        if abs(mean - self.chance) > self.margin:
+        if abs(mean - self.chance) > self.margin or self._falling():
             return False
         self.warned = True
         logging.warning(
