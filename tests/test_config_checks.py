@@ -63,9 +63,20 @@ BOUNDARIES = [
 CHOICES = [(field, choice) for field, rule in RULES.items() if isinstance(rule, tuple) for choice in rule]
 
 
-def test_the_table_lists_every_config_field():
+def test_the_table_lists_every_config_field_as_the_docs_do():
+    """RULES covers every field, and docs/training.md's table of valid values says the same field by field (an
+    independent statement of each range: a changed end or choice in RULES must be changed there too)."""
     assert set(RULES) == set(DEFAULTS)
     config_checks.validate(default.get_config())  # the defaults pass
+    lines = (REPO / "docs" / "training.md").read_text().splitlines()
+    start = lines.index("| valid values | fields |") + 2
+    documented = {}
+    for line in lines[start:]:
+        if not line.startswith("| "):
+            break
+        values, fields = line[2:-2].rsplit(" | ", 1)
+        documented |= {f: values for f in re.findall(r"`([a-z_.]+)`", fields)}
+    assert documented == {field: config_checks.describe(rule) for field, rule in RULES.items()}
 
 
 @pytest.mark.parametrize("field, value, ok", BOUNDARIES, ids=[f"{f}={v!r}" for f, v, _ in BOUNDARIES])

@@ -99,6 +99,7 @@ class Bound:
             kind = ""
         else:
             span = f"{'>' if self.open_low else '>='} {self.low:g}"
+        span += "".join(f" or {v}" for v in self.also)
         return f"must be {kind}{span}" + (f" ({self.note})" if self.note else "")
 
 
@@ -141,7 +142,7 @@ RULES: dict[str, Bound | tuple[Any, ...] | str] = {
     "data.shuffle_buffer": "a positive multiple of data.shuffle_chunk",
     "data.shuffle_chunk": Bound(0, open_low=True, integer=True),
     "data.on_bad_image": BAD_IMAGE_POLICIES,
-    "data.num_parallel_calls": Bound(0, open_low=True, integer=True, also=(None,), note="or None: tf.data AUTOTUNE"),
+    "data.num_parallel_calls": Bound(0, open_low=True, integer=True, also=(None,), note="None: tf.data AUTOTUNE"),
     "seed": "an integer",
     "global_batch_size": POSITIVE,
     "grad_accum_steps": AT_LEAST_1,
@@ -196,6 +197,15 @@ RULES: dict[str, Bound | tuple[Any, ...] | str] = {
     "distributed.num_processes": Bound(0, integer=True, note="0: auto-detected"),
     "distributed.process_id": Bound(-1, integer=True, note="-1: auto-detected"),
 }
+
+
+def describe(rule: Bound | tuple[Any, ...] | str) -> str:
+    """A RULES entry in words, as docs/training.md#validation-before-step-1 lists it."""
+    if isinstance(rule, Bound):
+        return rule.rule().removeprefix("must be ")
+    if isinstance(rule, tuple):
+        return "one of " + ", ".join(map(str, rule))
+    return rule
 
 
 def _fail(field: str, value: Any, rule: str) -> None:
