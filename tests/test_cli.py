@@ -19,7 +19,7 @@ from tiny_runs import TINY
 CONFIG_ERRORS = [
     ("--config.eval_protocol=tencrop", "Unknown or repeated evaluation method(s) in protocol 'tencrop'"),
     ("--config.data.eval_scales=(20,)", "--config.data.eval_scales=(20,): test scales [20] are below crop_size=32"),
-    ("--config.optimizer.learning_rate=-0.1", "--config.optimizer.learning_rate=-0.1: must be positive"),
+    ("--config.optimizer.learning_rate=-0.1", "--config.optimizer.learning_rate=-0.1: must be >= 0"),
     ("--config.num_train_steps=-5", "--config.num_train_steps=-5: must be positive"),
     ("--config.model.dropout_rate=1.5", "--config.model.dropout_rate=1.5: must be in [0, 1)"),
     ("--config.model.dtype=bf16", "--config.model.dtype='bf16': must be one of float32, bfloat16"),

@@ -338,6 +338,32 @@ def test_cli_counts_every_image_once_on_1_and_2_processes(run, tmp_path):
     np.testing.assert_allclose([float(r["score1"]) for r in two], scores[:, 0], rtol=1e-4)
 
 
+def test_cli_defaults_to_dense_and_writes_each_images_mean_posteriors(run, clf, tmp_path):
+    """docs/evaluation.md: --protocol defaults to dense. The --predictions CSV holds, for every image, the top-5
+    classes and posteriors of the mean (numpy float64) of the protocol's passes, here dense at Q=36 and Q=52,
+    each evaluated alone."""
+    split, scales = "validation[:5]", (36, 52)
+    csv_path = tmp_path / "p.csv"
+    flags = [f"--checkpoint={run}", "--scales=36,52", f"--data.eval_split={split}", "--batch_size=4"]
+    evaluate.main([*flags, f"--out={tmp_path}", f"--predictions={csv_path}"])
+    assert json.loads((tmp_path / "dense_36-52.json").read_text())["protocol"] == "dense"
+    cfg = clf.config.data.copy_and_resolve_references()
+    cfg.eval_split = split
+    member = evaluate.Member("vgg11", clf.apply_fn, clf.variables, cfg)
+    passes = [
+        evaluate.evaluate_members([member], sharding.make_mesh(), protocol="dense", scales=(q,), batch_size=4).final
+        for q in scales
+    ]
+    assert all(np.array_equal(p.index, np.arange(5)) for p in passes)
+    mean = np.mean([p.posteriors.astype(np.float64) for p in passes], axis=0)
+    rows = list(csv.DictReader(csv_path.open()))
+    assert [int(r["index"]) for r in rows] == list(range(5))
+    for r, want in zip(rows, mean):
+        top = np.argsort(-want, kind="stable")[:5]
+        assert [int(r[f"top{i}"]) for i in range(1, 6)] == list(top)
+        np.testing.assert_allclose([float(r[f"score{i}"]) for i in range(1, 6)], want[top], rtol=2e-5)
+
+
 def test_cli_errors_name_the_fix(tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluate.main([])

@@ -120,23 +120,24 @@ def logged(workdir: Path, tag: str) -> dict[int, float]:
 
 def test_plateau_lowers_the_learning_rate_inside_the_training_loop(tmp_path, data_dir):
     """Paper Sect. 3.1 through the real loop: min_delta=2 means no evaluation ever improves, so with
-    patience 1 each evaluation divides the rate by 10, at most max_decreases=2 times."""
-    run_main(
-        tmp_path,
-        data_dir,
-        "--config.num_train_steps=8",
-        "--config.eval_every_steps=2",
-        "--config.checkpoint.every_steps=2",
-        "--config.optimizer.schedule=plateau",
-        "--config.optimizer.min_delta=2.0",
-        "--config.optimizer.max_decreases=2",
-    )
+    patience 1 each evaluation divides the rate by 10, at most max_decreases=2 times. The run stops at step 4
+    and resumes: the rate stays lowered (the plateau counters come back), and keep_best still knows the scores
+    of the steps before the resume."""
+    steps = ["--config.eval_every_steps=2", "--config.checkpoint.every_steps=2", "--config.checkpoint.keep=2"]
+    plateau = ["--config.optimizer.schedule=plateau", "--config.optimizer.min_delta=2.0"]
+    run_main(tmp_path, data_dir, "--config.num_train_steps=4", *steps, *plateau, "--config.optimizer.max_decreases=2")
+    run_main(tmp_path, data_dir, "--config.num_train_steps=8", *steps, *plateau, "--config.optimizer.max_decreases=2")
     rates = logged(tmp_path, "train/learning_rate")  # the rate each logged step used
     assert rates[2] == pytest.approx(0.02) and rates[4] == pytest.approx(0.002)
     assert rates[6] == pytest.approx(0.0002) and rates[8] == pytest.approx(0.0002)
     meta = checkpoints.read_meta(tmp_path)
     assert meta["plateau"]["decreases"] == 2
     assert json.loads((tmp_path / "results.json").read_text())["learning_rate"] == pytest.approx(0.0002)
+    # keep=2 newest (6, 8) and keep_best=1: the lowest error, the earliest step of a tie (step 4 is evaluated twice,
+    # before the first run ends and again on resume, as its checkpoint precedes its evaluation).
+    errors = logged(tmp_path, "eval/top1_error@36")
+    best = min(errors, key=lambda s: (errors[s], s))
+    assert step_folders(tmp_path) == [str(s) for s in sorted({6, 8, best})], errors
 
 
 def test_same_seed_same_parameters(uninterrupted, tmp_path, data_dir):

@@ -73,6 +73,26 @@ def test_usable_gpu_memory_is_what_jax_allocator_offers_less_the_cudnn_margin():
     assert hardware.gpu_usable_bytes("h100-80gb", {"XLA_PYTHON_CLIENT_ALLOCATOR": "platform"}) == h100 - margin
 
 
+@pytest.mark.parametrize("name", ["v4-8", "v5litepod-8", "v5p-8", "v6e-8", "a100-40gb", "h100-80gb", "h200", "b200"])
+def test_memory_is_counted_in_gib_of_two_to_the_thirty_bytes(name):
+    """GiB = 1024**3 bytes (hardware.py) in the bytes a fit is judged against and in what is printed: a TPU's
+    usable HBM is the table's hbm_gib GiB; a GPU's note shows its usable and total bytes in GiB."""
+    import re
+
+    spec = preflight.parse_topology(name)
+    gib = 1024.0**3
+    shown = [float(x) for x in re.findall(r"([\d.]+) GiB", spec.memory_note)]
+    if spec.platform == "tpu":
+        hbm = hardware.TPU[spec.generation]["hbm_gib"]
+        assert spec.usable_bytes == int(hbm * gib) and shown == [hbm]
+        assert preflight.gib(spec.usable_bytes) == f"{hbm:.2f} GiB"
+    else:
+        memory = hardware.GPU[spec.generation]["memory"]
+        usable = int(memory * hardware.gpu_memory_fraction()) - gib
+        assert spec.usable_bytes == usable
+        assert shown == [round(usable / gib, 2), round(memory / gib, 2), 1.0]  # usable, total, cuDNN margin
+
+
 def test_unknown_topology_names_the_forms():
     for name in ("v5e-3", "v7-8", "tpu", "h100", "h100-80gbx0", "h100-80gbx8,nodes=0", "rtx4090"):
         with pytest.raises(ConfigError, match="give a Cloud TPU accelerator type.* or NVIDIA GPUs: a100-40gb"):

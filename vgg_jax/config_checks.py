@@ -67,6 +67,147 @@ RESUMABLE = (
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class Bound:
+    """A number's valid range: ``low`` to ``high`` (None: unbounded), each end included unless open; ``also``:
+    values outside it that switch something off, explained by ``note``."""
+
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    open_high: bool = False
+    integer: bool = False
+    also: tuple[Any, ...] = ()
+    note: str = ""
+
+    def accepts(self, value: Any) -> bool:
+        if value in self.also and not isinstance(value, bool):
+            return True
+        number = (int,) if self.integer else (int, float)
+        if isinstance(value, bool) or not isinstance(value, number):
+            return False
+        above = self.low is None or (value > self.low if self.open_low else value >= self.low)
+        below = self.high is None or (value < self.high if self.open_high else value <= self.high)
+        return above and below
+
+    def rule(self) -> str:
+        kind = "an integer " if self.integer else ""
+        if self.high is not None:
+            span = f"in {'(' if self.open_low else '['}{self.low:g}, {self.high:g}{')' if self.open_high else ']'}"
+        elif self.low == 0 and self.open_low:
+            span = "a positive integer" if self.integer else "positive"
+            kind = ""
+        else:
+            span = f"{'>' if self.open_low else '>='} {self.low:g}"
+        span += "".join(f" or {v}" for v in self.also)
+        return f"must be {kind}{span}" + (f" ({self.note})" if self.note else "")
+
+
+POSITIVE, AT_LEAST_1, AT_LEAST_0 = Bound(0, open_low=True), Bound(1), Bound(0)
+BOOL = (False, True)
+
+
+# Every config field (configs/default.py) and its valid values: a Bound, a tuple of choices, or (a string) the
+# rule that validate() checks by code below. tests/test_config_checks.py tries each boundary and choice.
+RULES: dict[str, Bound | tuple[Any, ...] | str] = {
+    "model.name": "a model name or paper letter (models.canonical_name)",
+    "model.width": Bound(0, open_low=True, integer=True),
+    "model.fc_width": Bound(0, open_low=True, integer=True),
+    "model.dropout_rate": Bound(0, 1, open_high=True),
+    "model.dtype": DTYPES,
+    "model.init_scheme": INIT_SCHEMES,
+    "model.init_std": POSITIVE,
+    "model.remat": tuple(models.REMAT_POLICIES),
+    "data.dataset": "a non-empty dataset name; 'folder' needs data.folder",
+    "data.data_dir": "a path or None",
+    "data.manual_dir": "a path or None",
+    "data.folder": "a path or None",
+    "data.download": BOOL,
+    "data.train_split": "a TFDS split",
+    "data.eval_split": "a TFDS split",
+    "data.crop_size": f"a multiple of {models.STRIDE}, at most data.scale_min (TransformConfig)",
+    "data.scale_min": "crop_size <= scale_min <= scale_max (TransformConfig)",
+    "data.scale_max": "crop_size <= scale_min <= scale_max (TransformConfig)",
+    "data.flip": BOOL,
+    "data.pca_alpha_std": Bound(0, note="0: no colour shift"),
+    "data.pca_eigval": "3 values (TransformConfig)",
+    "data.pca_eigvec": "a 3x3 matrix (TransformConfig)",
+    "data.mean_rgb": "3 values (preprocessing.InputConvention)",
+    "data.std_rgb": "3 positive values (preprocessing.InputConvention)",
+    "data.resize": preprocessing.RESIZE_RULES,
+    "data.stats_path": "a path or None",
+    "data.eval_scales": "integers >= data.crop_size (check_scales)",
+    "data.dense_aspect_buckets": "ratios >= 1",
+    "data.cache_eval": BOOL,
+    "data.shuffle_buffer": "a positive multiple of data.shuffle_chunk",
+    "data.shuffle_chunk": Bound(0, open_low=True, integer=True),
+    "data.on_bad_image": BAD_IMAGE_POLICIES,
+    "data.num_parallel_calls": Bound(0, open_low=True, integer=True, also=(None,), note="None: tf.data AUTOTUNE"),
+    "seed": "an integer",
+    "global_batch_size": POSITIVE,
+    "grad_accum_steps": AT_LEAST_1,
+    "num_train_steps": POSITIVE,
+    # 0 is allowed: a run that only copies init_from's weights (e.g. to re-evaluate them).
+    "optimizer.learning_rate": Bound(0, note="0: the weights stay"),
+    "optimizer.momentum": Bound(0, 1, open_high=True),
+    "optimizer.nesterov": BOOL,
+    "optimizer.weight_decay": AT_LEAST_0,
+    "optimizer.decay_biases": BOOL,
+    "optimizer.schedule": SCHEDULES,
+    "optimizer.decay_factor": Bound(0, 1, open_low=True),
+    "optimizer.patience": AT_LEAST_1,
+    "optimizer.min_delta": AT_LEAST_0,
+    "optimizer.max_decreases": AT_LEAST_0,
+    "optimizer.step_boundaries": "increasing positive steps",
+    "optimizer.warmup_steps": AT_LEAST_0,
+    "optimizer.lr_base_batch": Bound(0, integer=True, note="N: learning_rate is for a global batch of N; 0: as given"),
+    "optimizer.trainable": "a regular expression",
+    "init_from": "a run's path or ''",
+    "staged_init_from": "a run's path or ''",
+    "reset_head": "a bool; True needs init_from",
+    "allow_resume_changes": "comma-separated field names",
+    "eval_protocol": "methods joined by '+' (parse_protocol)",
+    "eval_batch_size": POSITIVE,
+    "eval_every_steps": POSITIVE,
+    "checkpoint.every_steps": POSITIVE,
+    "checkpoint.keep": AT_LEAST_1,
+    "checkpoint.keep_best": AT_LEAST_0,
+    "checkpoint.async_save": BOOL,
+    "checkpoint.allow_unverified": BOOL,
+    "checkpoint.fresh_start_if_damaged": BOOL,
+    "resume_from_step": Bound(0, note="0: the newest"),
+    "rollback.max_rollbacks": Bound(0, note="0: stop at once"),
+    "rollback.spike_factor": Bound(1, open_low=True, also=(0,), note="0: no spike rule, non-finite losses only"),
+    "rollback.spike_window": AT_LEAST_1,
+    "rollback.spike_min_loss": AT_LEAST_0,
+    "rollback.steps_before": Bound(1, note="the parameters of the step before a bad loss are the ones that gave it"),
+    "rollback.lr_factor": Bound(0, 1, open_low=True),
+    "inject_spike.at_batch": Bound(0, note="0: never"),
+    "inject_spike.lr_factor": POSITIVE,
+    "log_every_steps": POSITIVE,
+    "diagnostics.every_steps": Bound(0, note="0: off"),
+    "diagnostics.stall_steps": Bound(0, note="0: no stall warning"),
+    "diagnostics.stall_margin": Bound(0, 1, open_low=True, open_high=True),
+    "profile.start_step": Bound(-1, integer=True, note="-1: never"),
+    "profile.num_steps": Bound(1, integer=True),
+    "mesh.model": AT_LEAST_1,  # and divides model.fc_width
+    "mesh.grad_reduce_dtype": GRAD_REDUCE_DTYPES,
+    "distributed.enabled": BOOL,
+    "distributed.coordinator_address": "host:port or ''",
+    "distributed.num_processes": Bound(0, integer=True, note="0: auto-detected"),
+    "distributed.process_id": Bound(-1, integer=True, note="-1: auto-detected"),
+}
+
+
+def describe(rule: Bound | tuple[Any, ...] | str) -> str:
+    """A RULES entry in words, as docs/training.md#validation-before-step-1 lists it."""
+    if isinstance(rule, Bound):
+        return rule.rule().removeprefix("must be ")
+    if isinstance(rule, tuple):
+        return "one of " + ", ".join(map(str, rule))
+    return rule
+
+
 def _fail(field: str, value: Any, rule: str) -> None:
     flag = field if field.startswith("--") else f"--config.{field}"
     raise ConfigError(f"{flag}={value!r}: {rule}.")
@@ -78,7 +219,7 @@ def _check(ok: bool, field: str, value: Any, rule: str) -> None:
 
 
 def _enum(field: str, value: Any, choices: tuple[str, ...]) -> None:
-    _check(value in choices, field, value, f"must be one of {', '.join(choices)}")
+    _check(value in choices, field, value, f"must be one of {', '.join(map(str, choices))}")
 
 
 def parse_protocol(protocol: str) -> tuple[str, ...]:
@@ -122,24 +263,20 @@ def _floats(value: Any) -> list[float]:
 def validate(config: ml_collections.ConfigDict) -> None:
     """Range, type and consistency checks of every field a run reads; ConfigError naming the field and the fix."""
     model, data, opt = config.model, config.data, config.optimizer
-    for field, value in flatten(config.to_dict()).items():
+    flat = flatten(config.to_dict())
+    for field, value in flat.items():
         _check(all(map(math.isfinite, _floats(value))), field, value, "must be finite")
+    for field, rule in RULES.items():  # the table's ranges and choices; the string rules are checked below
+        if field not in flat:  # a config built without it (the code reads its default)
+            continue
+        if isinstance(rule, Bound):
+            _check(rule.accepts(flat[field]), field, flat[field], rule.rule())
+        elif isinstance(rule, tuple):
+            _enum(field, flat[field], rule)
     try:
         models.canonical_name(model.name)
     except ValueError as e:
         raise ConfigError(f"--config.model.name={model.name!r}: {e}") from None
-    for field in ("width", "fc_width"):
-        _check(
-            isinstance(model[field], int) and model[field] > 0,
-            f"model.{field}",
-            model[field],
-            "must be a positive integer",
-        )
-    _check(0.0 <= model.dropout_rate < 1.0, "model.dropout_rate", model.dropout_rate, "must be in [0, 1)")
-    _enum("model.dtype", model.dtype, DTYPES)
-    _enum("model.init_scheme", model.init_scheme, INIT_SCHEMES)
-    _check(model.init_std > 0, "model.init_std", model.init_std, "must be positive")
-    _enum("model.remat", model.remat, tuple(models.REMAT_POLICIES))
 
     _check(isinstance(data.dataset, str) and bool(data.dataset), "data.dataset", data.dataset, "name a dataset")
     if data.dataset == "folder":
@@ -157,32 +294,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     check_scales(data.eval_scales, data.crop_size)
     buckets = tuple(data.dense_aspect_buckets)
     _check(len(buckets) > 0 and min(buckets) >= 1, "data.dense_aspect_buckets", buckets, "give ratios >= 1")
-    _enum("data.on_bad_image", data.on_bad_image, BAD_IMAGE_POLICIES)
     chunk, window = data.shuffle_chunk, data.shuffle_buffer
     _check(
-        chunk > 0 and window >= chunk and window % chunk == 0,
+        window >= chunk and window % chunk == 0,
         "data.shuffle_buffer",
         window,
         f"must be a positive multiple of data.shuffle_chunk={chunk}",
     )
-    _check(
-        data.num_parallel_calls is None or data.num_parallel_calls > 0,
-        "data.num_parallel_calls",
-        data.num_parallel_calls,
-        "must be positive (or None: tf.data AUTOTUNE)",
-    )
-
-    _check(config.num_train_steps > 0, "num_train_steps", config.num_train_steps, "must be positive")
-    _check(config.global_batch_size > 0, "global_batch_size", config.global_batch_size, "must be positive")
-    _check(config.grad_accum_steps >= 1, "grad_accum_steps", config.grad_accum_steps, "must be >= 1")
-    # 0 is allowed: a run that only copies init_from's weights (e.g. to re-evaluate them).
-    _check(opt.learning_rate >= 0, "optimizer.learning_rate", opt.learning_rate, "must be positive (0: weights stay)")
-    _check(0.0 <= opt.momentum < 1.0, "optimizer.momentum", opt.momentum, "must be in [0, 1)")
-    _check(opt.weight_decay >= 0, "optimizer.weight_decay", opt.weight_decay, "must be >= 0")
-    _enum("optimizer.schedule", opt.schedule, SCHEDULES)
-    _check(0.0 < opt.decay_factor <= 1.0, "optimizer.decay_factor", opt.decay_factor, "must be in (0, 1]")
-    _check(opt.patience >= 1, "optimizer.patience", opt.patience, "must be >= 1")
-    _check(opt.max_decreases >= 0, "optimizer.max_decreases", opt.max_decreases, "must be >= 0")
     bounds = [int(b) for b in opt.step_boundaries]
     _check(
         all(b > 0 for b in bounds) and bounds == sorted(bounds),
@@ -190,28 +308,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         tuple(opt.step_boundaries),
         "must be increasing positive steps",
     )
-    _check(opt.warmup_steps >= 0, "optimizer.warmup_steps", opt.warmup_steps, "must be >= 0")
-    _check(
-        isinstance(opt.lr_base_batch, int) and opt.lr_base_batch >= 0,
-        "optimizer.lr_base_batch",
-        opt.lr_base_batch,
-        "must be an integer >= 0: the global batch learning_rate was chosen for (0: use learning_rate as given)",
-    )
     try:
         re.compile(opt.trainable)
     except re.error as e:
         _fail("optimizer.trainable", opt.trainable, f"is not a regular expression ({e})")
 
     parse_protocol(config.eval_protocol)
-    for field in ("eval_batch_size", "eval_every_steps", "log_every_steps"):
-        _check(config[field] > 0, field, config[field], "must be positive")
-    _check(
-        config.checkpoint.every_steps > 0, "checkpoint.every_steps", config.checkpoint.every_steps, "must be positive"
-    )
-    _check(config.checkpoint.keep >= 1, "checkpoint.keep", config.checkpoint.keep, "must be >= 1")
-    _check(config.checkpoint.keep_best >= 0, "checkpoint.keep_best", config.checkpoint.keep_best, "must be >= 0")
-    _check(config.mesh.model >= 1, "mesh.model", config.mesh.model, "must be >= 1")
-    _enum("mesh.grad_reduce_dtype", config.mesh.grad_reduce_dtype, GRAD_REDUCE_DTYPES)
     _check(
         not (models.canonical_name(model.name).endswith("_bn") and config.mesh.grad_reduce_dtype == "float32"),
         "mesh.grad_reduce_dtype",
@@ -219,43 +321,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
         f"computes each device's gradient apart, where {model.name}'s batch normalisation would use per-device "
         "statistics: use 'compute' with BN models",
     )
-    diag = config.diagnostics
-    _check(diag.every_steps >= 0, "diagnostics.every_steps", diag.every_steps, "must be >= 0 (0: off)")
-    _check(diag.stall_steps >= 0, "diagnostics.stall_steps", diag.stall_steps, "must be >= 0 (0: no stall warning)")
-    _check(0 < diag.stall_margin < 1, "diagnostics.stall_margin", diag.stall_margin, "must be in (0, 1)")
     _check(
         model.fc_width % config.mesh.model == 0,
         "mesh.model",
         config.mesh.model,
         f"must divide model.fc_width={model.fc_width} (fc6 and fc7 are split over it by output channel)",
     )
-    _check(config.resume_from_step >= 0, "resume_from_step", config.resume_from_step, "must be >= 0 (0: the newest)")
-    _check_rollback(config)
     if config.reset_head and not config.init_from:
         _fail("reset_head", True, "replaces fc8 of the init_from run's parameters: set --config.init_from")
     preprocessing.InputConvention.from_data_config(data)  # mean/std/resize
-
-
-def _check_rollback(config: ml_collections.ConfigDict) -> None:
-    rb, spike = config.rollback, config.inject_spike
-    _check(rb.max_rollbacks >= 0, "rollback.max_rollbacks", rb.max_rollbacks, "must be >= 0 (0: stop at once)")
-    _check(
-        rb.spike_factor == 0 or rb.spike_factor > 1,
-        "rollback.spike_factor",
-        rb.spike_factor,
-        "must be > 1 (0: no spike rule, non-finite losses only)",
-    )
-    _check(rb.spike_window >= 1, "rollback.spike_window", rb.spike_window, "must be >= 1")
-    _check(rb.spike_min_loss >= 0, "rollback.spike_min_loss", rb.spike_min_loss, "must be >= 0")
-    _check(
-        rb.steps_before >= 1,
-        "rollback.steps_before",
-        rb.steps_before,
-        "must be >= 1 (the parameters of the step before a bad loss are the ones that gave it)",
-    )
-    _check(0 < rb.lr_factor <= 1, "rollback.lr_factor", rb.lr_factor, "must be in (0, 1]")
-    _check(spike.at_batch >= 0, "inject_spike.at_batch", spike.at_batch, "must be >= 0 (0: never)")
-    _check(spike.lr_factor > 0, "inject_spike.lr_factor", spike.lr_factor, "must be positive")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -466,8 +466,8 @@ def define_flags(values: flags.FlagValues, argv: list[str]) -> None:
 
 def gib(n: float) -> str:
     """Bytes in GiB (2**30), MiB (2**20), KiB or B."""
-    if n >= 2**30:
-        return f"{n / 2**30:.2f} GiB"
+    if n >= hardware.GIB:
+        return f"{n / hardware.GIB:.2f} GiB"
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB" if n >= 2**10 else f"{int(n)} B"
 
 

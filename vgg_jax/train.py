@@ -304,6 +304,36 @@ def plateau_update(state: TrainState, plateau: optim.Plateau, top1: float, step:
     return state.replace(opt_state=optim.set_learning_rate(state.opt_state, new_lr))
 
 
+def meta_item(
+    step: int,
+    config: ml_collections.ConfigDict,
+    class_names: list[str],
+    plateau: optim.Plateau,
+    scores: dict[int, float],
+    guard: rollback.Guard,
+    pending_eval: bool,
+) -> dict[str, Any]:
+    """A checkpoint's meta item (JSON): what a resume needs besides the train and iterator states."""
+    return {
+        "step": step,
+        "plateau": plateau.state(),
+        "config": json.loads(config.to_json_best_effort()),
+        "class_names": class_names,
+        "scores": {str(k): v for k, v in scores.items()},  # JSON keys are strings
+        "pending_eval": pending_eval,  # saved before this step's evaluation: a resume evaluates first
+        **guard.state(),  # the recent losses and the rollbacks so far
+    }
+
+
+def load_meta_state(meta: dict[str, Any], plateau: optim.Plateau, scores: dict[int, float]) -> bool:
+    """Loads a meta item's plateau state and validation scores (keyed by int step again, as keep_best looks
+    them up) into ``plateau`` and ``scores``; returns its pending_eval. The rollback state: Guard.load."""
+    plateau.load(meta["plateau"])
+    scores.clear()
+    scores.update({int(k): v for k, v in meta.get("scores", {}).items()})
+    return bool(meta.get("pending_eval"))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains per ``config``, evaluating and checkpointing into ``workdir``; returns the final summary."""
     config_checks.validate(config)  # before anything is read or written
@@ -348,10 +378,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     def load_meta(meta: dict[str, Any]) -> None:
         """The schedule and rollback state of a checkpoint (resumed, or rolled back to)."""
         nonlocal state, pending_eval
-        plateau.load(meta["plateau"])
-        ckpt.scores.clear()
-        ckpt.scores.update({int(k): v for k, v in meta.get("scores", {}).items()})
-        pending_eval = bool(meta.get("pending_eval"))
+        pending_eval = load_meta_state(meta, plateau, ckpt.scores)
         state = apply_learning_rate(state, config, plateau, guard.lr_scale)
 
     if start.data_states is not None:
@@ -375,15 +402,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     throughput = Throughput(config, model, mesh)
 
     def save(step: int, before_eval: bool) -> None:
-        meta = {
-            "step": step,
-            "plateau": plateau.state(),
-            "config": json.loads(config.to_json_best_effort()),
-            "class_names": class_names,
-            "scores": {str(k): v for k, v in ckpt.scores.items()},
-            "pending_eval": before_eval,  # saved before this step's evaluation: a resume evaluates first
-            **guard.state(),  # the recent losses and the rollbacks so far
-        }
+        meta = meta_item(step, config, class_names, plateau, ckpt.scores, guard, pending_eval=before_eval)
         ckpt.save(step, state, train_iter.get_state(), meta)
 
     def run_eval(step: int) -> dict[str, float]:

@@ -25,6 +25,8 @@ C, X = "vgg_jax/checkpoints.py", "vgg_jax/data/transforms.py"
 P, E, V = "vgg_jax/data/pipeline.py", "vgg_jax/evaluate.py", "vgg_jax/convert.py"
 MAIN = "tests/test_main.py"
 DG = "vgg_jax/diagnostics.py"
+CC, HW, PF = "vgg_jax/config_checks.py", "vgg_jax/hardware.py", "vgg_jax/preflight.py"
+CK = ("tests/test_checkpoints.py",)
 # tests/test_train_step.py without its multi-process and compile-heavy tests (which a step mutant also breaks)
 STEP = ("tests/test_train_step.py", "-k", "not two_processes and not fc_sharding and not on_a_mesh and not remat")
 
@@ -420,5 +422,99 @@ MUTANTS = [
         "float(config.diagnostics.stall_margin) * self.chance",
         "float(config.diagnostics.stall_margin) * 10 * self.chance",
         ("tests/test_diagnostics.py", "-k", "cannot_learn"),
+    ),
+    # issue 29: state saved and restored, ranges in the config table, units, CLI defaults, per-image outputs
+    Mutant(
+        "scores_keep_json_keys",
+        TR,
+        'scores.update({int(k): v for k, v in meta.get("scores", {}).items()})',
+        'scores.update(meta.get("scores", {}))',
+        CK,
+    ),
+    Mutant("pending_eval_forgotten", TR, 'return bool(meta.get("pending_eval"))', "return False", CK),
+    Mutant(
+        "plateau_load_swaps_counters",
+        OPT,
+        'int(state["bad_evals"]), int(state["decreases"])',
+        'int(state["decreases"]), int(state["bad_evals"])',
+        CK,
+    ),
+    Mutant(
+        "plateau_resumes_at_the_base_rate",
+        OPT,
+        'int(state["bad_evals"]), int(state["decreases"])',
+        'int(state["decreases"]), int(state["bad_evals"])',
+        (MAIN, "-k", "plateau"),
+    ),
+    Mutant(
+        "rollbacks_not_restored",
+        "vgg_jax/rollback.py",
+        'self.rollbacks = list(meta.get("rollbacks", []))',
+        "self.rollbacks = []",
+        CK,
+    ),
+    Mutant(
+        "iterator_skipped_count_not_restored",
+        P,
+        'self._reporter.count = int(state["skipped"])',
+        "self._reporter.count = 0",
+        CK,
+    ),
+    Mutant(
+        "momentum_may_be_one",
+        CC,
+        '"optimizer.momentum": Bound(0, 1, open_high=True)',
+        '"optimizer.momentum": Bound(0, 1)',
+        ("tests/test_config_checks.py",),
+    ),
+    Mutant(
+        "open_upper_bounds_include_the_end",
+        CC,
+        "value < self.high if self.open_high",
+        "value <= self.high if self.open_high",
+        ("tests/test_config_checks.py",),
+    ),
+    Mutant(
+        "spike_factor_zero_refused",
+        CC,
+        'Bound(1, open_low=True, also=(0,), note="0: no spike rule',
+        'Bound(1, open_low=True, note="0: no spike rule',
+        ("tests/test_config_checks.py",),
+    ),
+    Mutant(
+        "allowed_resume_changes_ignored",
+        CC,
+        'resumable(field, config.get("allow_resume_changes", ""))',
+        "resumable(field)",
+        ("tests/test_config_checks.py",),
+    ),
+    Mutant(
+        "resume_sections_not_matched",
+        CC,
+        '(r.endswith(".") and field.startswith(r))',
+        '(r.endswith(".") and field == r)',
+        ("tests/test_config_checks.py",),
+    ),
+    Mutant("gib_is_a_billion_bytes", HW, "GIB = 2**30", "GIB = 10**9", ("tests/test_preflight.py", "-k", "gib")),
+    Mutant(
+        "tpu_hbm_in_gb",
+        PF,
+        'int(hardware.TPU[self.generation]["hbm_gib"] * hardware.GIB)',
+        'int(hardware.TPU[self.generation]["hbm_gib"] * 10**9)',
+        ("tests/test_preflight.py", "-k", "gib"),
+    ),
+    Mutant(
+        "predictions_of_the_last_pass",
+        E,
+        "final = sum(p.posteriors.astype(np.float64) for p in passes) / len(passes)",
+        "final = passes[-1].posteriors.astype(np.float64)",
+        ("tests/test_evaluate.py", "-k", "defaults_to_dense"),
+    ),
+    Mutant(
+        "evaluate_defaults_to_center",
+        E,
+        'flags.DEFINE_string("protocol", "dense",',
+        'flags.DEFINE_string("protocol", "center",',
+        ("tests/test_evaluate.py", "-k", "defaults_to_dense"),
     ),
 ]
