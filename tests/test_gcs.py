@@ -193,6 +193,22 @@ print(json.dumps(dict(results=record["results"], rows=len(rows), same=same, name
     )
     assert seen["rows"] == 40 and seen["step"] == 6 and seen["same"]
     assert seen["results"]["images"] == 40 and len(seen["names"][0]) == 2
+    # The predict command: a gs:// folder (searched recursively) and a gs:// glob in, a gs:// CSV out.
+    preds, cwd = f"gs://{BUCKET}/predictions/imgs.csv", tmp_path / "predict"
+    cwd.mkdir()
+    done = finish(
+        start(gcs, markers, ["-m", "vgg_jax.predict", f"--checkpoint={RUN}", f"gs://{BUCKET}/imgs/val",
+                              f"gs://{BUCKET}/imgs/train/dots/*.jpg", f"--out={preds}", "--top_k=2"], cwd=cwd)
+    )  # fmt: skip
+    assert f"Wrote 10 predictions to {preds}" in done.stderr, done.stderr[-3000:]
+    assert not list(cwd.iterdir()), "predict wrote into its working directory"
+    rows = python(gcs, markers, f"""
+import csv, io, json
+from etils import epath
+print(json.dumps(list(csv.DictReader(io.StringIO(epath.Path("{preds}").read_text())))))
+""")  # fmt: skip
+    assert sorted(r["file"] for r in rows)[0] == f"gs://{BUCKET}/imgs/train/dots/0.jpg"
+    assert len({r["file"] for r in rows}) == 10 and all(0 < float(r["probability1"]) <= 1 for r in rows)
 
 
 def make_image_folder(root: Path) -> Path:
