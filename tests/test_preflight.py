@@ -190,6 +190,8 @@ def test_tiny_run_compiles_for_an_8_gpu_node_and_fits():
     assert "all-reduce x2 105.6 KiB (bf16 105.6 KiB, f32 12 B)" in train and train.endswith(": fits")
     assert out.index("train: ") < out.index("| step |")  # a line per compile as it ends, then the table
     assert "| eval center |" in out and out.strip().endswith("fits")
+    # On this machine without an NVIDIA driver the CUDA plugin steps aside; its C++ notice is not shown.
+    assert "Could not find cuda drivers" not in proc.stderr and "InitializeLog" not in proc.stderr, proc.stderr
 
 
 def test_float32_gradient_reduction_on_gpus_all_reduces_float32():

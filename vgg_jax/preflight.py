@@ -535,7 +535,8 @@ def check(config: Any, spec: Topology, num_classes: int = 1000, evaluate: bool =
         jax.config.update("jax_platforms", "cpu")  # the host runs nothing: the TPU or GPU is only a compile target
     config_checks.validate(config)
     check_mesh(config, spec)
-    devices = topology_devices(spec)
+    with cli.stderr_without(cli.CUDA_STUB_NOISE):  # the CUDA plugin's no-driver lines as JAX sets up its backends
+        devices = topology_devices(spec)
     hosts = len({d.process_index for d in devices})
     sharding.split_batch(
         config.global_batch_size, num_processes=hosts, num_devices=spec.chips, accum_steps=config.grad_accum_steps
