@@ -25,10 +25,13 @@ def run_step(workdir: str) -> int:
 
 
 def checkpoint_step(workdir: str) -> int:
-    """The newest checkpoint step in the workdir (0: none)."""
+    """The newest checkpoint step in the workdir that orbax finished writing (0: none). On GCS an interrupted
+    save leaves its numbered folder in place, unfinished (vgg_jax.checkpoints.is_finalized)."""
+    from vgg_jax import checkpoints  # noqa: PLC0415 (orbax: only where a step is judged)
+
     directory = epath.Path(workdir) / "checkpoints"
-    steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()] if directory.exists() else []
-    return max(steps, default=0)
+    found = directory.iterdir() if directory.exists() else ()
+    return max((int(p.name) for p in found if p.name.isdigit() and checkpoints.is_finalized(p)), default=0)
 
 
 def run_done(workdir: str, steps: int) -> bool:

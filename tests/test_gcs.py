@@ -107,6 +107,8 @@ steps = epath.Path("{RUN}/checkpoints")
 unfinished = (steps / "6" / "data").is_dir() and not (steps / "6" / "commit_success.txt").exists()
 loaded = vgg_jax.load("{RUN}").path
 newest = checkpoints.find_checkpoint("{RUN}").name
+from experiments import status
+shown = status.checkpoint_step("{RUN}")
 try:
     vgg_jax.load("{RUN}/checkpoints/6")
     refused = ""
@@ -118,7 +120,8 @@ content = bytearray(data.read_bytes()); content[len(content) // 2] ^= 0x10; data
 for folder, _, names in epath.Path("{images}").walk():
     for file in (folder / name for name in names):
         (epath.Path("gs://{BUCKET}/imgs") / file.relative_to("{images}")).write_bytes(file.read_bytes())
-print(json.dumps(dict(unfinished=unfinished, loaded=loaded, newest=newest, refused=refused, damaged=data.name)))
+print(json.dumps(dict(unfinished=unfinished, loaded=loaded, newest=newest, shown=shown, refused=refused,
+                      damaged=data.name)))
 """
     checks = start(gcs, markers, ["-c", code])
     seen = dict(second=finish(second, code=None))
@@ -142,6 +145,7 @@ def test_an_unfinished_gcs_step_is_never_loaded_and_named_when_asked_for(resumed
     seen = resumed["loaders"]
     assert seen["unfinished"], "the stalled save should have left step 6 without commit_success.txt"
     assert seen["newest"] == "4" and seen["loaded"] == RUN  # vgg_jax.load of the workdir: step 4
+    assert seen["shown"] == 4  # experiments.status: the newest finished step
     assert f"Checkpoint {RUN}/checkpoints/6 is unfinished (orbax never finalized it" in seen["refused"]
     assert "intact steps: 4, 2" in seen["refused"]
 
