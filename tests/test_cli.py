@@ -162,7 +162,7 @@ def test_quiet_console_drops_known_start_up_noise_and_keeps_the_rest(capfd):
         os.write(2, b"E0000 something that matters\n")
     assert capfd.readouterr().err == "E0000 something that matters\n"
 
-    quiet = cli._Quiet()
+    quiet = cli.Quiet()
 
     def record(name: str, message: str, *args) -> std_logging.LogRecord:
         return std_logging.LogRecord(name, std_logging.WARNING, "f.py", 1, message, args, None)
@@ -229,7 +229,7 @@ def test_libraries_info_lines_are_dropped_ours_and_every_warning_kept():
     orbax_file = os.path.join(os.path.dirname(orbax.checkpoint.__file__), "checkpointer.py")
     clu_file = os.path.join(os.path.dirname(clu.__file__), "platform", "local.py")
     ours = [os.path.join(os.path.dirname(cli.__file__), "train.py"), os.path.join(experiments.__path__[0], "launch.py")]
-    quiet, verbose = cli._Quiet(libraries=True), cli._Quiet(libraries=False)
+    quiet, verbose = cli.Quiet(libraries=True), cli.Quiet(libraries=False)
     assert not quiet.filter(record(orbax_file, std_logging.INFO, "Restoring checkpoint from /w/6/state."))
     assert verbose.filter(record(orbax_file, std_logging.INFO, "Restoring checkpoint from /w/6/state."))
     assert quiet.filter(record(orbax_file, std_logging.WARNING))

@@ -945,6 +945,13 @@ def test_tpu_launch_ships_the_code_runs_detached_survives_a_dropped_connection_a
     )
 
 
+def worker_job(home: Path, job: str, action: str) -> str:
+    """``bash ~/jobs/<job>.sh ACTION`` as a TPU worker whose home is ``home`` runs it: the script's one-line answer."""
+    env = dict(os.environ, HOME=str(home))
+    script = str(home / "jobs" / f"{job}.sh")
+    return subprocess.run(["bash", script, action], env=env, capture_output=True, text=True, timeout=120).stdout.strip()
+
+
 def test_a_running_tpu_job_is_not_started_twice(tmp_path):
     job = plan.Job(
         "slow",
@@ -957,14 +964,11 @@ def test_a_running_tpu_job_is_not_started_twice(tmp_path):
     )
     script = tmp_path / "slow.sh"
     script.write_text(tpu.job_script(job, tpu.TpuOptions("pod", "zone", python=sys.executable)))
-    env = dict(os.environ, HOME=str(tmp_path))
     (tmp_path / "jobs").mkdir()
     shutil.copy(script, tmp_path / "jobs" / "slow.sh")
 
     def call(action: str) -> str:
-        return subprocess.run(
-            ["bash", str(tmp_path / "jobs" / "slow.sh"), action], env=env, capture_output=True, text=True, timeout=60
-        ).stdout.strip()
+        return worker_job(tmp_path, "slow", action)
 
     assert call("state") == "not started"
     assert call("start") == "started"
@@ -991,12 +995,9 @@ def test_a_detached_tpu_job_is_stopped_with_sigterm_and_says_so(tmp_path):
     )
     (tmp_path / "jobs").mkdir()
     (tmp_path / "jobs" / "run.sh").write_text(tpu.job_script(job, tpu.TpuOptions("pod", "zone", python=sys.executable)))
-    env = dict(os.environ, HOME=str(tmp_path))
 
     def call(action: str) -> str:
-        return subprocess.run(
-            ["bash", str(tmp_path / "jobs" / "run.sh"), action], env=env, capture_output=True, text=True, timeout=120
-        ).stdout.strip()
+        return worker_job(tmp_path, "run", action)
 
     assert call("stop") == "not running"
     assert call("start") == "started"

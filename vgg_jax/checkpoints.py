@@ -23,7 +23,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
-from vgg_jax import models, storage
+from vgg_jax import cli, models, storage
 from vgg_jax.errors import CheckpointError
 
 STATE, DATA, META = "state", "data", "meta"
@@ -111,6 +111,10 @@ def is_finalized(step_dir: epath.Path) -> bool:
     return finalized(step_dir) or (not step_dir.name.isdigit() and finalized(step_dir / STATE))
 
 
+def has_digests(step_dir: epath.Path, items: Sequence[str] = (STATE, DATA, META)) -> bool:
+    return any((step_dir / item / DIGESTS).exists() for item in items)
+
+
 def verify_step(
     step_dir: str | epath.Path, items: Sequence[str] = (STATE, DATA, META), *, allow_unverified: bool = False
 ) -> list[str]:
@@ -123,7 +127,7 @@ def verify_step(
         return [f"{step_dir} is missing"]
     if not is_finalized(step_dir):
         return [UNFINISHED]
-    if not any((step_dir / item / DIGESTS).exists() for item in items):
+    if not has_digests(step_dir, items):
         present = [i for i in items if (step_dir / i).is_dir()]
         if present != list(items):
             return [f"{', '.join(sorted(set(items) - set(present)))} missing"]
@@ -353,7 +357,7 @@ class Checkpointer:
                 "Every checkpoint was damaged and set aside: starting afresh from step 0 "
                 "(--config.checkpoint.fresh_start_if_damaged=True)."
             )
-        elif step is not None and not any((self.directory / str(step) / i / DIGESTS).exists() for i in (STATE, META)):
+        elif step is not None and not has_digests(self.directory / str(step)):
             logging.warning("Checkpoint step %d has no checksums: restoring it unverified, as allowed.", step)
         return step
 
@@ -483,42 +487,36 @@ def check_intact(step_dir: epath.Path, *, allow_unverified: bool = False) -> Non
     raise CheckpointError(f"Checkpoint {step_dir} is {what} ({'; '.join(problems[:3])}); {where}.")
 
 
-class _NoStepMetadataNotice(std_logging.Filter):
-    def filter(self, record: std_logging.LogRecord) -> bool:
-        return "Metadata file does not exist" not in str(record.msg)
-
-
 @contextlib.contextmanager
 def _item_read_alone():
     """Reading one item directory by itself, orbax warns that it lacks ``_CHECKPOINT_METADATA``: that file
-    belongs to the step directory above (converted weights have none). Expected, so not shown."""
-    notice, logger = _NoStepMetadataNotice(), std_logging.getLogger("absl")
-    logger.addFilter(notice)
+    belongs to the step directory above (converted weights have none). Expected, so not shown (``cli.QUIET``),
+    also where no entry point set up the filters (a notebook)."""
+    quiet, logger = cli.Quiet(), std_logging.getLogger("absl")
+    logger.addFilter(quiet)
     try:
         yield
     finally:
-        logger.removeFilter(notice)
+        logger.removeFilter(quiet)
 
 
 def _restore_variables(step_dir: epath.Path) -> dict[str, Any]:
     """``{'params', 'batch_stats'}`` of one step, on this process's first device."""
     with _item_read_alone():
-        return _restore_item_variables(step_dir)
-
-
-def _restore_item_variables(step_dir: epath.Path) -> dict[str, Any]:
-    metadata = ocp.StandardCheckpointer().metadata(step_dir / STATE).item_metadata
-    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = {
-        key: jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), metadata[key])
-        for key in ("params", "batch_stats")
-        if key in metadata
-    }
-    restore_args = jax.tree_util.tree_map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), target)
-    restored = ocp.PyTreeCheckpointer().restore(
-        step_dir / STATE, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
-    )
-    return {"params": restored["params"], "batch_stats": restored.get("batch_stats") or {}}
+        metadata = ocp.StandardCheckpointer().metadata(step_dir / STATE).item_metadata
+        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = {
+            key: jax.tree_util.tree_map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), metadata[key]
+            )
+            for key in ("params", "batch_stats")
+            if key in metadata
+        }
+        restore_args = jax.tree_util.tree_map(lambda s: ocp.ArrayRestoreArgs(sharding=s.sharding), target)
+        restored = ocp.PyTreeCheckpointer().restore(
+            step_dir / STATE, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
+        )
+        return {"params": restored["params"], "batch_stats": restored.get("batch_stats") or {}}
 
 
 def save_variables(directory: str | epath.Path, variables: dict[str, Any], meta: dict[str, Any]) -> epath.Path:

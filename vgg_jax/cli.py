@@ -142,7 +142,7 @@ def has_nvidia_driver() -> bool:
     return os.path.exists("/proc/driver/nvidia/version")
 
 
-class _Quiet(std_logging.Filter):
+class Quiet(std_logging.Filter):
     """Drops the known-harmless lines of ``QUIET`` and, with ``libraries``, the INFO (and DEBUG) lines of
     installed libraries (orbax's per-save chatter, TFDS, JAX): what is left is this project's progress, clu's
     metric and ETA lines, and every warning and error."""
@@ -225,8 +225,8 @@ def quiet(tensorflow: bool, libraries: bool = False) -> None:
     INFO lines of installed libraries, and, for commands that use it, TensorFlow's C++ banner (it is imported
     here, under a filter)."""
     flags.FLAGS.mark_as_parsed()  # our flags live on per-command FlagValues; absl's global ones are unused
-    logging.get_absl_handler().addFilter(_Quiet(libraries))
-    std_logging.getLogger("absl").addFilter(_Quiet())  # where no absl handler prints (a notebook's kernel)
+    logging.get_absl_handler().addFilter(Quiet(libraries))
+    std_logging.getLogger("absl").addFilter(Quiet())  # where no absl handler prints (a notebook's kernel)
     if not has_tpu():
         # libtpu installed where there is no TPU (the [tpu] extra, the test requirements): JAX still probes
         # it, and its start-up prints a false INVALID_ARGUMENT error unless it is told a slice and a host.

@@ -6,11 +6,10 @@ docs/training.md
 from __future__ import annotations
 
 import json
-import logging as std_logging
 from collections.abc import Sequence
 
 import jax
-from absl import flags, logging
+from absl import flags
 from ml_collections import config_flags
 
 from vgg_jax import cli, sharding
@@ -24,18 +23,10 @@ def define_flags(values: flags.FlagValues, argv: list[str]) -> None:
     flags.mark_flags_as_required(["config", "workdir"], flag_values=values)
 
 
-class _QuietOrbax(std_logging.Filter):
-    """Drops orbax's INFO chatter (several lines per save); its warnings and errors still show."""
-
-    def filter(self, record: std_logging.LogRecord) -> bool:
-        return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv: Sequence[str] | None = None) -> dict:
     values, rest = cli.parse(argv, define_flags, "python -m vgg_jax.main", __doc__)
     if rest:
         cli.fail(f"unexpected arguments {rest}: flags look like --workdir=DIR and --config.key=value.")
-    logging.get_absl_handler().addFilter(_QuietOrbax())
     sharding.initialize_distributed(values.config.distributed)  # before anything touches the devices
     from vgg_jax import train  # imports TensorFlow: after jax.distributed
     from vgg_jax.data import pipeline

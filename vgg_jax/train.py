@@ -466,9 +466,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             batch = sharding.to_global({"image": local["image"], "label": local["label"]}, mesh)
             if config.diagnostics.every_steps and step % config.diagnostics.every_steps == 0:
                 writer.write_scalars(step, {f"diag/{k}": v for k, v in stats_fn(state, batch).items()})
-            before = state.params if drawn == spike.at_batch else None
-            if before is not None:
-                before = jax.tree_util.tree_map(jnp.copy, before)  # the step donates the state
+            # inject_spike: the params before this batch's update, copied because the step donates the state
+            before = jax.tree_util.tree_map(jnp.copy, state.params) if drawn == spike.at_batch else None
             compiling = drawn == first_drawn + 1
             if compiling:
                 logging.info("step %d: compiling the train step", step + 1)
