@@ -67,6 +67,7 @@ def run_record(root, run: dict) -> dict | None:
         "top5": round(top5, 2),
         "train_loss": [[s, round(v, 4)] for s, v in losses],
         "stall_warning": warned,
+        "rollbacks": summary.get("rollbacks", 0),  # loss spikes the run rolled back (docs/training.md#rollback)
         "train_seconds": summary["train_seconds"],
     }
 
@@ -107,15 +108,20 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         by_net[r["net"]].append(r)
     print(
-        f"| configuration | runs | left chance | {'in band | ' if band else ''}top-1 error (min-max) | stall warnings |"
+        f"| configuration | runs | left chance | {'in band | ' if band else ''}top-1 error (min-max) | stall warnings"
+        " | rolled back |"
     )
-    print(f"|---|---|---|{'---|' if band else ''}---|---|")
+    print(f"|---|---|---|{'---|' if band else ''}---|---|---|")
     for net, rs in by_net.items():
         top1 = [r["top1"] for r in rs]
         cells = [net, len(rs), sum(r["left_chance"] for r in rs)]
         if band:
             cells.append(sum(r["in_band"] for r in rs))
-        cells += [f"{min(top1):.1f}-{max(top1):.1f}", sum(r["stall_warning"] for r in rs)]
+        cells += [
+            f"{min(top1):.1f}-{max(top1):.1f}",
+            sum(r["stall_warning"] for r in rs),
+            sum(r["rollbacks"] > 0 for r in rs),
+        ]
         print("| " + " | ".join(map(str, cells)) + " |")
     failed = [r["run"] for r in rows if not r["left_chance"] or (band and not r["in_band"])]
     if failed:

@@ -1132,29 +1132,32 @@ def test_leave_chance_counts_runs_per_configuration_and_appends_each_once(tmp_pa
     from benchmarks import leave_chance
 
     runs = {
-        "A-seed0": (40.0, 5.0, ""),
-        "A-seed1": (85.0, 45.0, "W... stalled at chance: ..."),
-        "B-seed0": (55.0, 12.0, ""),
+        "A-seed0": (40.0, 5.0, "", 0),
+        "A-seed1": (85.0, 45.0, "W... stalled at chance: ...", 1),
+        "B-seed0": (55.0, 12.0, "", 0),
     }
     sweep = {"runs": [{"name": n, "net": n[0], "seed": int(n[-1])} for n in runs] + [{"name": "B-seed1", "net": "B"}]}
     (tmp_path / "logs").mkdir()
     (tmp_path / "sweep.json").write_text(json.dumps({"sweep": sweep}))
-    for name, (top1, top5, log) in runs.items():
+    for name, (top1, top5, log, rollbacks) in runs.items():
         (tmp_path / name).mkdir()
         result = {"step": 600, "model": "vgg11", "top1_error@168": top1, "top5_error@168": top5, "train_seconds": 9}
+        result |= (
+            {"rollbacks": rollbacks} if rollbacks else {}
+        )  # results.json names rollbacks only when there were some
         (tmp_path / name / "results.json").write_text(json.dumps(result))
         (tmp_path / "logs" / f"{name}.log").write_text(log)
     out = tmp_path / "m.jsonl"
     for _ in range(2):  # the second pass finds every run in --out already
         leave_chance.main([str(tmp_path), "--band=20,60,0,10", f"--out={out}"])
     table = capsys.readouterr()
-    assert "| A | 2 | 1 | 1 | 40.0-85.0 | 1 |" in table.out and "| B | 1 | 1 | 0 | 55.0-55.0 | 0 |" in table.out
+    assert "| A | 2 | 1 | 1 | 40.0-85.0 | 1 | 1 |" in table.out and "| B | 1 | 1 | 0 | 55.0-55.0 | 0 | 0 |" in table.out
     assert "outside the target: A-seed1, B-seed0" in table.err
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [(r["run"], r["left_chance"], r["in_band"], r["stall_warning"]) for r in records] == [
-        ("A-seed0", True, True, False),
-        ("A-seed1", False, False, True),
-        ("B-seed0", True, False, False),
+    assert [(r["run"], r["left_chance"], r["in_band"], r["stall_warning"], r["rollbacks"]) for r in records] == [
+        ("A-seed0", True, True, False, 0),
+        ("A-seed1", False, False, True, 1),
+        ("B-seed0", True, False, False, 0),
     ]
     with pytest.raises(SystemExit) as e:
         leave_chance.main([str(tmp_path), "--band=20,60"])

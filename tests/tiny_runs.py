@@ -10,6 +10,7 @@ TINY = [
     "--config=configs/demo.py",
     "--config.model.width=4",
     "--config.model.fc_width=16",
+    "--config.model.dropout_rate=0.5",  # the paper's, which the demo leaves out: runs exercise the dropout key
     "--config.data.crop_size=32",
     "--config.data.scale_min=36",
     "--config.data.scale_max=64",
