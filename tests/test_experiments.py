@@ -1142,9 +1142,8 @@ def test_leave_chance_counts_runs_per_configuration_and_appends_each_once(tmp_pa
     for name, (top1, top5, log, rollbacks) in runs.items():
         (tmp_path / name).mkdir()
         result = {"step": 600, "model": "vgg11", "top1_error@168": top1, "top5_error@168": top5, "train_seconds": 9}
-        result |= (
-            {"rollbacks": rollbacks} if rollbacks else {}
-        )  # results.json names rollbacks only when there were some
+        if rollbacks:  # results.json names rollbacks only when there were some
+            result["rollbacks"] = rollbacks
         (tmp_path / name / "results.json").write_text(json.dumps(result))
         (tmp_path / "logs" / f"{name}.log").write_text(log)
     out = tmp_path / "m.jsonl"
